@@ -7,7 +7,6 @@ from __future__ import annotations
 import os, sys, random, tempfile, contextlib, functools
 from pathlib import Path
 import numpy as np
-import torch
 
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'IGNORE_INDEX', 'VOC_PALETTE', 'voc_palette', 'colorize', 'label_to_pil', 'seed_everything',
@@ -61,6 +60,7 @@ def label_to_pil(mask:np.ndarray # `[H, W]` labels in 0..255
 def seed_everything(seed:int=0 # the one seed for python, numpy and torch
                    ) -> int:
     "Seed `random`, NumPy and PyTorch (CPU and every CUDA device); returns the seed."
+    import torch  # imported here so that `seam_nb.core` (and every CLI's start-up) stays light
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -68,8 +68,9 @@ def seed_everything(seed:int=0 # the one seed for python, numpy and torch
     return seed
 
 def get_device(prefer:str='auto' # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-              ) -> torch.device:
+              ) -> 'torch.device':
     "The device to run on: `prefer` if given, else CUDA, then MPS, then CPU."
+    import torch
     if prefer not in (None, 'auto'):
         dev = torch.device(prefer)
         if dev.type == 'cuda' and not torch.cuda.is_available():
@@ -123,4 +124,5 @@ def save_json(obj, path, **kw):
 
 def torch_save_atomic(obj, path):
     "`torch.save` through a temporary file and a rename, so a crash never leaves half a checkpoint."
+    import torch
     with atomic_write(path) as f: torch.save(obj, f)
