@@ -16,7 +16,7 @@ def _check_image(img) -> np.ndarray:
     if not isinstance(img, np.ndarray): raise SeamError(f"the image must be a numpy array, got {type(img).__name__}")
     if img.dtype != np.uint8: raise SeamError(f"the image must be uint8 (0..255), got {img.dtype}; convert with .astype(np.uint8) after scaling")
     if img.ndim != 3 or img.shape[2] != 3: raise SeamError(f"the image must be [H, W, 3] RGB, got shape {img.shape}")
-    return np.ascontiguousarray(img)
+    return np.require(img, np.uint8, ['C', 'W'])  # pydensecrf needs a C-contiguous, writable buffer
 
 def dense_crf(img:np.ndarray, # `[H, W, 3]` uint8 RGB image
               probs:np.ndarray, # `[C, H, W]` non-negative scores per label (need not sum to 1; 0 is clipped to 1e-5)

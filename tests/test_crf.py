@@ -90,3 +90,10 @@ def test_real_voc_image_improves():
     before = np.where(fg > 0.26, np.array([1, 15])[np.argmax(list(cams.values()), 0)], 0)
     after = crf_label(img, cams, alpha=4)
     assert (after == gt)[valid].mean() > (before == gt)[valid].mean()
+
+
+def test_read_only_image_is_accepted():
+    "Arrays made from PIL images are read-only; pydensecrf needs a writable buffer, so dense_crf copies when needed."
+    img = np.zeros((8, 8, 3), np.uint8); img.setflags(write=False)
+    out = dense_crf(img, np.full((2, 8, 8), .5, np.float32))
+    np.testing.assert_allclose(out.sum(0), 1, atol=1e-3)
