@@ -1,0 +1,152 @@
+"Tests of seam_nb.infer beyond the notebook: file formats, resume, shards, CRF outputs, the CLI, the shared VOC sample."
+import os, sys, subprocess
+from dataclasses import asdict
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seam_nb.core import VOC_PALETTE, torch_save_atomic
+from seam_nb.data import ShapesSource, VOCSource
+from seam_nb.model import SEAMNet
+from seam_nb import infer as I
+from seam_nb.train import make_config
+
+torch.set_num_threads(1)
+SHARED = Path(__file__).resolve().parents[1].parent/'shared'
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+FAST = dict(scales=(0.5, 1.0), progress=False, device='cpu')
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    "A training-format checkpoint of a randomly initialised tiny SEAMNet for the 6 Shapes classes."
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('ckpt')/'last.pt'
+    model = SEAMNet('tiny', num_classes=7)
+    torch_save_atomic({'model': model.state_dict(), 'config': asdict(make_config('shapes_cpu', n_images=4, image_size=64)), 'step': 0}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def model(ckpt): return I.load_model(ckpt)
+
+
+@pytest.fixture(scope='module')
+def src(): return ShapesSource(5, 64, seed=1_000_000)
+
+
+def test_outputs_npz_float16_keys_and_palette_png(model, src, tmp_path):
+    res = I.infer_cams(model, src, tmp_path, **FAST)
+    assert (res['processed'], res['skipped']) == (5, 0)
+    for name in src.names:
+        present = {str(k + 1) for k in np.flatnonzero(src.labels(name))}
+        for kind in ('cam', 'pcm'):
+            with np.load(tmp_path/kind/f'{name}.npz', allow_pickle=False) as z:
+                assert set(z.files) == present
+                for k in z.files:
+                    assert z[k].dtype == np.float16 and z[k].shape == (64, 64)
+                    assert 0 <= z[k].min() and z[k].max() <= 1
+        for kind in ('label_cam', 'label_pcm'):
+            im = Image.open(tmp_path/kind/f'{name}.png')
+            assert im.mode == 'P' and im.size == (64, 64)
+            assert np.array_equal(np.array(im.getpalette()[:63]).reshape(21, 3), VOC_PALETTE[:21])
+            assert set(np.unique(np.asarray(im))) <= {0} | {int(k) for k in present}
+    assert not list(tmp_path.rglob('*.tmp'))
+
+
+def test_resume_skips_finished_images(model, src, tmp_path, monkeypatch):
+    I.infer_cams(model, src, tmp_path, **FAST)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+    calls = []
+    real = I.multiscale_cam
+    monkeypatch.setattr(I, 'multiscale_cam', lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert I.infer_cams(model, src, tmp_path, **FAST)['processed'] == 0 and not calls
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+    # an image with a missing output (e.g. killed between two files) is redone, and only it
+    (tmp_path/'label_pcm'/f'{src.names[2]}.png').unlink()
+    (tmp_path/'pcm'/f'.{src.names[3]}.npz.abc.tmp').write_bytes(b'partial')   # a stray temp file is not an output
+    assert I.infer_cams(model, src, tmp_path, **FAST)['processed'] == 1 and len(calls) == 1
+    assert I.is_done(tmp_path, src.names[2])
+
+
+def test_shards_partition_the_names(model, src, tmp_path, monkeypatch):
+    done = []
+    for r in range(3):
+        res = I.infer_cams(model, src, tmp_path, rank=r, world_size=3, **FAST)
+        done.append(set(I.shard(src.names, r, 3)))
+        assert res['assigned'] == len(done[-1])
+    assert set.union(*done) == set(src.names) and sum(map(len, done)) == len(src.names)
+    assert sorted(p.stem for p in (tmp_path/'cam').glob('*.npz')) == sorted(src.names)
+    monkeypatch.setenv('RANK', '1'); monkeypatch.setenv('WORLD_SIZE', '2')        # as torchrun sets them
+    res = I.infer_cams(model, src, tmp_path/'env', **FAST)
+    assert (res['rank'], res['world_size']) == (1, 2)
+    assert sorted(p.stem for p in (tmp_path/'env'/'cam').glob('*.npz')) == sorted(src.names[1::2])
+
+
+def test_batched_flips_match_per_view_forwards(model, src):
+    img, lab = src.image(src.names[0]), src.labels(src.names[0])
+    a = I.multiscale_cam(model, img, lab, (0.5, 1.0, 1.5), batched=True)
+    b = I.multiscale_cam(model, img, lab, (0.5, 1.0, 1.5), batched=False)
+    for x, y in zip(a, b): np.testing.assert_allclose(x, y, atol=1e-4)
+    assert a[0][np.asarray(lab) == 0].max() == 0                                 # absent classes are zero
+    res = I.bench_infer(model, src, n=1, scales=(0.5,), device='cpu')
+    assert res['speedup'] > 0 and res['batched_s'] > 0
+
+
+def test_crf_outputs(model, src, tmp_path):
+    pytest.importorskip('pydensecrf.densecrf')
+    I.infer_cams(model, src, tmp_path, crf=True, names=src.names[:1], **FAST)
+    name = src.names[0]
+    for a in (4, 24):
+        im = Image.open(tmp_path/f'label_crf_{a}'/f'{name}.png')
+        assert im.mode == 'P' and im.size == (64, 64)
+    assert I.is_done(tmp_path, name, (4, 24))
+
+
+def test_load_model_rejects_a_foreign_file(tmp_path):
+    torch_save_atomic(torch.nn.Linear(2, 2).state_dict(), tmp_path/'lin.pth')
+    with pytest.raises(I.SeamError, match='fc8'):
+        I.load_model(tmp_path/'lin.pth')
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, '-m', 'seam_nb.infer', *args], capture_output=True, text=True, env=ENV, timeout=240)
+
+
+def test_cli_writes_outputs(ckpt, tmp_path):
+    r = cli('--ckpt', str(ckpt), '--dataset', 'shapes', '--split', 'val', '--n-images', '2', '--scales', '0.5,1',
+            '--out', str(tmp_path), '--no-progress', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '2 images written' in r.stdout
+    assert len(list((tmp_path/'pcm').glob('*.npz'))) == 2 and len(list((tmp_path/'label_cam').glob('*.png'))) == 2
+
+
+@pytest.mark.parametrize('args,expect', [
+    (['--ckpt', '/nonexistent/last.pt'], 'not found'),
+    (['--backbone', 'resnet50'], 'does not fit'),
+    (['--dataset', 'voc', '--data-root', '/nonexistent/VOC2012'], 'not found'),
+])
+def test_cli_bad_inputs(ckpt, tmp_path, args, expect):
+    base = [] if '--ckpt' in args else ['--ckpt', str(ckpt)]
+    r = cli(*base, *args, '--out', str(tmp_path), '--no-progress', '--device', 'cpu')
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith('error:') and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_voc_sample(model, tmp_path):
+    voc = SHARED/'voc_sample'
+    if not voc.is_dir(): pytest.skip('shared/voc_sample not present')
+    torch.manual_seed(0)
+    vmodel = SEAMNet('tiny', num_classes=21).eval()
+    src = VOCSource(voc, 'train')
+    names = src.names[:2]
+    res = I.infer_cams(vmodel, src, tmp_path, names=names, scales=(0.5,), progress=False, device='cpu')
+    assert res['processed'] == 2
+    for n in names:
+        h, w = src.image(n).shape[:2]
+        with np.load(tmp_path/'pcm'/f'{n}.npz', allow_pickle=False) as z:
+            assert set(z.files) == {str(k + 1) for k in np.flatnonzero(src.labels(n))}
+            assert all(z[k].shape == (h, w) and z[k].dtype == np.float16 for k in z.files)
+        assert Image.open(tmp_path/'label_pcm'/f'{n}.png').size == (w, h)
