@@ -85,12 +85,15 @@ class SeamError(Exception):
     "A problem with the user's input (file, option, checkpoint): its message is meant to be read as it is."
 
 def cli_guard(func):
-    "Decorator for console-script entry points: `SeamError`, missing files and Ctrl-C become one line on stderr and a non-zero exit."
+    "Decorator for console-script entry points: `SeamError`, missing files, OS errors (full disk...) and Ctrl-C become one line on stderr and a non-zero exit."
     @functools.wraps(func)
     def _inner(*args, **kwargs):
         try: return func(*args, **kwargs)
         except SeamError as e: print(f"error: {e}", file=sys.stderr); sys.exit(2)
         except FileNotFoundError as e: print(f"error: file not found: {e.filename or e}", file=sys.stderr); sys.exit(2)
+        except OSError as e:  # a full disk, a read-only folder...: the write was atomic, so nothing half-written is left
+            where = f" ({e.filename})" if getattr(e, 'filename', None) else ''
+            print(f"error: {e.strerror or e}{where}; finished outputs are kept", file=sys.stderr); sys.exit(2)
         except KeyboardInterrupt: print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr); sys.exit(130)
     return _inner
 
