@@ -172,7 +172,7 @@ def test_no_pyplot_figures_and_threads_restored(models, shapes_items):
 
 @pytest.mark.skipif(not (SHARED/'voc_sample'/'JPEGImages').is_dir(), reason='../shared/voc_sample not present')
 def test_voc_sample_in_the_menu(models):
-    assert W.voc_sample_dir() == (SHARED/'voc_sample').resolve()
+    assert W.voc_sample_dir().resolve() == (SHARED/'voc_sample').resolve()
     items = W.default_images(n_shapes=1, n_voc=2)
     voc = [n for n in items if not n.startswith('shapes_')]
     assert len(voc) == 2 and all(max(items[n].img.shape[:2]) <= 160 for n in voc)
