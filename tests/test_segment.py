@@ -145,13 +145,27 @@ def test_retrain_on_shapes_reports_both_mious_and_reuses_a_finished_run(gt_dir, 
     res = S.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, scales=(1.0,), out=out, batch_size=4)
     assert 0 <= res['miou'] <= 1 and res['n_eval'] == 3 and res['eval_split'] == 'val'
     assert res['pseudo_miou'] == pytest.approx(1.0)      # ground truth as pseudo labels (255 band ignored)
-    assert len(res['losses']) == 3 and (out/'last.pt').is_file()
+    assert len(res['_losses']) == 3 and (out/'last.pt').is_file()
     monkeypatch.setattr(S, 'train_segmentation', lambda cfg: pytest.fail('a finished run was trained again'))
     again = S.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, scales=(1.0,), out=out, batch_size=4)
     assert again['miou'] == pytest.approx(res['miou'])
     with pytest.raises(SeamError, match='different'):
         S.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, out=out, batch_size=4, lr=0.5)
     with pytest.raises(SeamError, match='eval_split'): S.retrain_on_shapes(gt_dir, n_train=8, eval_split='train')
+    json.dumps({k: v for k, v in res.items() if not k.startswith('_')})          # the plain values are JSON-ready
+
+
+def test_shapes_pseudo_labels_from_a_seam_checkpoint(tmp_path):
+    "Pseudo labels made by seam_nb.infer from a (randomly initialised) SEAM checkpoint train a SegNet."
+    torch.manual_seed(0)
+    ck = tmp_path/'seam.pth'
+    torch_save_atomic({'model': SEAMNet('tiny', num_classes=7).state_dict(), 'config': {'backbone': 'tiny', 'dataset': 'shapes'}}, ck)
+    d = S.shapes_pseudo_labels(ck, tmp_path/'infer', n_train=3, image_size=SIZE, scales=(1.0,))
+    assert d.name == 'label_pcm' and len(list(d.glob('*.png'))) == 3
+    res = S.retrain_on_shapes(d, n_train=3, steps=1, image_size=SIZE, n_eval=2, scales=(1.0,), batch_size=2)
+    assert 0 <= res['pseudo_miou'] <= 1 and res['out'] is None
+    with pytest.raises(SeamError, match='kind'):
+        S.shapes_pseudo_labels(ck, tmp_path/'infer2', n_train=1, image_size=SIZE, scales=(1.0,), kind='label_crf_4x')
 
 
 # --- inference --------------------------------------------------------------------------------------------------
