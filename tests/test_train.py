@@ -142,6 +142,26 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert torch.load(out/'last.pt', weights_only=True)['world_size'] == 2
 
 
+
+def test_torchrun_two_nodes(tmp_path):
+    "`torchrun --nnodes 2` as on two machines: two launchers (node ranks 0 and 1, one process each) meet over TCP on 127.0.0.1."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    out = tmp_path/'nodes'
+    def node(rank):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1', '--node_rank', str(rank),
+               '--master_addr', '127.0.0.1', '--master_port', str(port), '-m', 'seam_nb.train',
+               '--steps', '2', '--ckpt-every', '2', '--out', str(out), *TINY_CLI]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**ENV, 'GLOO_SOCKET_IFNAME': 'lo'})
+    procs = [node(0), node(1)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    summary = json.loads((out/'summary.json').read_text())
+    assert summary['world_size'] == 2 and summary['step'] == 2
+    assert len(set(summary['weights_checksums'])) == 1                # the two "machines" hold the same weights
+
 def test_cli_resumes_and_refuses_other_architecture(tmp_path):
     T.train(T.make_config('shapes_cpu', out=str(tmp_path), steps=2, **TINY))
     with pytest.raises(SeamError, match='resume'):                  # same folder without --resume: refused
