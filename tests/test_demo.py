@@ -40,7 +40,7 @@ def test_quick_run_writes_results_and_report(quick_run):
     for d in ('refine/rw_eval', 'refine/rw_train'):                      # one random-walk label per image
         assert len(list((out/d).glob('*.png'))) == (D.QUICK.n_eval if d.endswith('eval') else D.QUICK.n_refine)
     report = (out/'report.md').read_text()
-    for fig in ('maps.png', 'threshold_curves.png', 'consistency.png', 'losses.png'):
+    for fig in ('maps.png', 'threshold_curves.png', 'consistency.png', 'losses.png', 'labels.png'):
         assert (out/'figures'/fig).stat().st_size > 1000 and f'figures/{fig}' in report
     assert 'tuned on GT' in report and 'SEAM PCM' in res.stdout          # the table is printed too
     run = json.loads((out/'run.json').read_text())
@@ -113,12 +113,19 @@ def test_shipped_files(name):
     assert name in (ROOT/'data'/'README.md').read_text()
 
 
-def test_no_refine_and_missing_pretext_fallback(tmp_path, monkeypatch, capsys):
-    "Without data/tiny_pretext.pth the demo warns and trains from scratch; --no-refine drops the two refinement rows."
+def test_no_refine_and_missing_pretext_fallback(tmp_path, monkeypatch):
+    "Without data/tiny_pretext.pth the demo warns and trains from scratch; without refinement the two last rows are absent."
+    import dataclasses
     monkeypatch.setenv('SEAM_NB_DATA', str(tmp_path/'empty'))
     with pytest.warns(UserWarning, match='from scratch'):
-        D.main(out=str(tmp_path/'o'), quick=True, no_refine=True, no_progress=True)
+        D.run_demo(tmp_path/'o', budget=dataclasses.replace(D.QUICK, refine=False), progress=False, verbose=False)
     results = json.loads((tmp_path/'o'/'results.json').read_text())
     assert set(results) == ROW_KEYS - {'seam_rw', 'seam_retrained'}
     assert json.loads((tmp_path/'o'/'run.json').read_text())['weights'] == 'scratch'
     assert not (tmp_path/'o'/'train'/'affinity').exists()
+
+
+def test_refine_flag():
+    assert not D.FULL.refine and D.QUICK.refine                           # the default demo stops after the CRF row
+    res = run_cli('--help', timeout=120)
+    assert '--refine' in res.stdout
