@@ -27,8 +27,15 @@ def run(module, *args, timeout=240):
     return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+def _default_sigint():
+    """In the child: Ctrl-C back to its default. A job started in the background of a shell (`cmd &`) inherits SIGINT
+    ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(module, *args):
-    return subprocess.Popen([sys.executable, '-m', module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen([sys.executable, '-m', module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_sigint)
 
 
 def one_line_error(r, expect=''):
