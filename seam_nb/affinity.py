@@ -416,7 +416,7 @@ def affinity_step(model:nn.Module, # an `AffinityNet` (possibly wrapped in DDP)
     img, (bg_pos, fg_pos, neg) = batch
     return affinity_loss(model(img).float(), bg_pos, fg_pos, neg)
 
-# %% ../nbs/12_affinity.ipynb #60fcfd50
+# %% ../nbs/12_affinity.ipynb #b8b83c6c
 @dataclass
 class AffinityConfig:
     "Everything an AffinityNet training run needs, as plain values; `seam_nb.train.fit` reads the shared fields."
@@ -475,11 +475,8 @@ def make_aff_config(preset:str='shapes_cpu', # a key of `AFF_PRESETS`
                     **overrides # field=value; `None` values are ignored
                    ) -> AffinityConfig:
     "A copy of an AffinityNet preset with some fields replaced."
-    if preset not in AFF_PRESETS: raise SeamError(f"unknown preset '{preset}'; choose one of {', '.join(AFF_PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(AffinityConfig)}
-    bad = [k for k in overrides if k not in fields]
-    if bad: raise SeamError(f"unknown AffinityNet option(s) {', '.join(bad)}")
-    return dataclasses.replace(AFF_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    from seam_nb.train import config_from_preset
+    return config_from_preset(AFF_PRESETS, preset, 'AffinityNet', **overrides)
 
 # %% ../nbs/12_affinity.ipynb #bbc18027
 def load_init_weights(model:AffinityNet, # the model to initialise

@@ -226,7 +226,7 @@ def slim_checkpoint(src, # a checkpoint written by `fit`
     torch_save_atomic({**keep, **extra}, dest)
     return Path(dest)
 
-# %% ../nbs/15_demo.ipynb #8e37f1db
+# %% ../nbs/15_demo.ipynb #85b2ef19
 def eval_source(budget:DemoBudget=FULL) -> ShapesSource:
     "The held-out images: `budget.n_eval` Shapes images of `budget.eval_split` ('test' by default)."
     return ShapesSource(budget.n_eval, budget.image_size, seed=SHAPES_SPLIT_SEEDS[budget.eval_split])
@@ -237,6 +237,12 @@ def write_ground_truth(source, # a source with masks
     "Write every mask of `source` as a palette PNG (atomically); returns the names."
     for name in source.names: save_label_png(source.mask(name), Path(gt_dir)/f'{name}.png')
     return list(source.names)
+
+def _fresh(folder:Path, stamp:dict):
+    "Empty `folder` unless its `stamp.json` equals `stamp`; then write the stamp (outputs of other inputs never mix)."
+    p = folder/'stamp.json'
+    if folder.exists() and (not p.is_file() or json.loads(p.read_text()) != json.loads(json.dumps(stamp))): shutil.rmtree(folder)
+    save_json(stamp, p)
 
 def infer_stage(ckpt, # a checkpoint for `infer.load_model`
                 source, # the images
@@ -250,9 +256,7 @@ def infer_stage(ckpt, # a checkpoint for `infer.load_model`
     out_dir = Path(out_dir)
     stamp = {'weights': weights_checksum(model), 'size': source.size, 'first': source.names[0] if source.names else None,
              'scales': list(budget.scales), 'crf': bool(crf)}
-    p = out_dir/'stamp.json'
-    if out_dir.exists() and (not p.is_file() or json.loads(p.read_text()) != stamp): shutil.rmtree(out_dir)
-    save_json(stamp, p)
+    _fresh(out_dir, stamp)
     infer_cams(model, source, out_dir, scales=tuple(budget.scales), flip=True, crf=crf, crf_alphas=(4, 24),
                device=device, progress=progress)
     return model
@@ -377,7 +381,7 @@ def format_results(results:dict # `score_rows`'s first output (or results.json)
                      f"{r['miou_fixed']:.1f} | {a['alpha_fixed']} | {cons} |")
     return '\n'.join(lines)
 
-# %% ../nbs/15_demo.ipynb #a55cc197
+# %% ../nbs/15_demo.ipynb #71f170f1
 def _zoom(img:np.ndarray, cams:dict, f:float) -> tuple:
     "An image (bicubic) and its `{label: map}` scores (bilinear) enlarged by `f`."
     from PIL import Image
@@ -406,16 +410,11 @@ def rw_labels(aff_model, # an `AffinityNet` in eval mode
         save_label_png(lab, out_dir/f'{name}.png')
     return out_dir
 
-def _fresh(folder:Path, stamp:dict):
-    "Empty `folder` unless its `stamp.json` equals `stamp`; then write the stamp (outputs of other inputs never mix)."
-    p = folder/'stamp.json'
-    if folder.exists() and (not p.is_file() or json.loads(p.read_text()) != json.loads(json.dumps(stamp))): shutil.rmtree(folder)
-    save_json(stamp, p)
-
-# %% ../nbs/15_demo.ipynb #016f227e
+# %% ../nbs/15_demo.ipynb #0ae4ce18
 def refine_stage(out, # the demo folder
                  seam_ckpt, # SEAM's checkpoint (its PCM maps are refined)
-                 eval_dir, # SEAM's inference folder of the held-out images (`pcm/`)
+                 eval_src, # the held-out images (`eval_source(budget)`)
+                 eval_dir, # SEAM's inference folder of those images (`pcm/`)
                  budget:DemoBudget=FULL, seed:int=0,
                  weights=None, # backbone start of AffinityNet and SegNet (default: the pretext file; 'scratch': none)
                  device:str='cpu', progress:bool=True, say=print
@@ -438,9 +437,9 @@ def refine_stage(out, # the demo folder
     aff = load_affinity_model(aff_ckpt, device=device)
     secs['affinity'] = time.perf_counter() - t
     t = time.perf_counter(); say("[demo] refinement: random walk", flush=True)
-    stamp = {'affinity': weights_checksum(aff), 'zoom': b.aff_zoom, 'seam': weights_checksum(load_model(seam_ckpt))}
+    stamp = {'affinity': weights_checksum(aff), 'zoom': b.aff_zoom, 'seam': json.loads((tdir/'stamp.json').read_text())['weights']}
     dirs = {}
-    for part, src, cams in (('eval', eval_source(b), Path(eval_dir)/'pcm'), ('train', train_src, tdir/'pcm')):
+    for part, src, cams in (('eval', eval_src, Path(eval_dir)/'pcm'), ('train', train_src, tdir/'pcm')):
         dirs[part] = out/'refine'/f'rw_{part}'
         _fresh(dirs[part], {**stamp, 'first': src.names[0] if src.names else None, 'n': len(src.names)})
         rw_labels(aff, src, cams, dirs[part], b.aff_zoom, progress)
@@ -453,8 +452,8 @@ def refine_stage(out, # the demo folder
     r = retrain_on_shapes(dirs['train'], b.n_refine, b.seg_steps, seed, b.image_size, n_eval=b.n_eval, eval_split=b.eval_split,
                           out=seg_out, device=device, progress=progress, weights=init, batch_size=b.batch_size)
     pred_dir = out/'refine'/'retrained_pred'                   # predictions of the first held-out images, for the figure
-    for name in eval_source(b).names[:6]:
-        save_label_png(predict_labels(r['_model'], eval_source(b).image(name), (0.75, 1.0, 1.25)), pred_dir/f'{name}.png')
+    for name in eval_src.names[:6]:
+        save_label_png(predict_labels(r['_model'], eval_src.image(name), (0.75, 1.0, 1.25)), pred_dir/f'{name}.png')
     secs['retrain'] = time.perf_counter() - t
     retrained = {k: v for k, v in r.items() if not k.startswith('_')}
     save_json(retrained, out/'refine'/'retrained.json')
@@ -570,7 +569,7 @@ def write_report(out, # the demo folder
     with atomic_write(Path(out)/'report.md', 'w') as f: f.write('\n'.join(lines))
     return Path(out)/'report.md'
 
-# %% ../nbs/15_demo.ipynb #2f0f0193
+# %% ../nbs/15_demo.ipynb #ca63cd04
 def run_demo(out='demo_out', # output folder (reused on a rerun)
              seed:int=0, # training seed of both runs
              quick:bool=False, # tiny budget (a smoke test)
@@ -599,7 +598,7 @@ def run_demo(out='demo_out', # output folder (reused on a rerun)
     secs['infer'] = time.perf_counter() - t
     refined = None
     if budget.refine:                                        # 3. CRF labels -> AffinityNet -> random walk -> SegNet
-        refined = refine_stage(out, ckpts['seam'], out/'infer'/'seam', budget, seed, weights, device, progress, say)
+        refined = refine_stage(out, ckpts['seam'], src, out/'infer'/'seam', budget, seed, weights, device, progress, say)
         secs.update(refined['seconds'])
     if rows is None: rows = DEMO_ROWS + (REFINE_ROWS if refined else [])
     t = time.perf_counter(); say("[demo] scoring", flush=True)

@@ -16,11 +16,11 @@ from fastcore.script import call_parse, Param
 from .core import SeamError, cli_guard, get_device, seed_everything, atomic_write, save_json, torch_save_atomic
 
 # %% auto #0
-__all__ = ['PRESETS', 'ENGINE_FIELDS', 'SHAPES_SPLIT_SEEDS', 'METHODS', 'TrainConfig', 'make_config', 'poly_lr', 'make_optimizer',
-           'set_poly_lr', 'item_seed', 'SeededDataset', 'EpochBatchSampler', 'dist_env', 'all_mean', 'to_device',
-           'rng_state', 'set_rng_state', 'load_checkpoint', 'load_model_state', 'LossLog', 'read_losses',
-           'weights_checksum', 'fit', 'build_source', 'build_model', 'seam_step', 'check_config', 'train',
-           'plot_losses', 'dashed_to_underscored', 'main']
+__all__ = ['PRESETS', 'ENGINE_FIELDS', 'SHAPES_SPLIT_SEEDS', 'METHODS', 'TrainConfig', 'config_from_preset', 'make_config',
+           'poly_lr', 'make_optimizer', 'set_poly_lr', 'item_seed', 'SeededDataset', 'EpochBatchSampler', 'dist_env',
+           'all_mean', 'to_device', 'rng_state', 'set_rng_state', 'load_checkpoint', 'load_model_state', 'LossLog',
+           'read_losses', 'weights_checksum', 'fit', 'build_source', 'build_model', 'seam_step', 'check_config',
+           'train', 'plot_losses', 'dashed_to_underscored', 'main']
 
 # %% ../nbs/08_train.ipynb #d620cf33
 @dataclass
@@ -62,7 +62,7 @@ class TrainConfig:
     num_workers:int = 0
     progress:bool = True              # tqdm progress bar
 
-# %% ../nbs/08_train.ipynb #830e8998
+# %% ../nbs/08_train.ipynb #fe37e022
 PRESETS = {
     'voc_resnet38': TrainConfig(dataset='voc', data_root='VOCdevkit/VOC2012', split='train_aug', crop=448,
                                 resize_long=(448, 768), backbone='resnet38', method='seam', rescale=0.3,
@@ -73,15 +73,23 @@ PRESETS = {
                               lr=0.05, weight_decay=5e-4, optimizer='corrected', ckpt_every=200, out='runs/shapes_cpu'),
 }
 
+def config_from_preset(presets:dict, # name -> config dataclass instance
+                       preset:str, # the name asked for
+                       what:str, # for messages: 'training', 'AffinityNet', ...
+                       **overrides # field=value; `None` values are ignored (handy for CLI options left unset)
+                      ):
+    "A copy of `presets[preset]` with some fields replaced; one-line errors for an unknown preset or field."
+    if preset not in presets: raise SeamError(f"unknown preset '{preset}'; choose one of {', '.join(presets)}")
+    base = presets[preset]
+    bad = [k for k in overrides if k not in {f.name for f in dataclasses.fields(base)}]
+    if bad: raise SeamError(f"unknown {what} option(s) {', '.join(bad)}")
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
 def make_config(preset:str='shapes_cpu', # a key of `PRESETS`
                 **overrides # field=value; `None` values are ignored (handy for CLI options left unset)
                ) -> TrainConfig:
-    "A copy of a preset with some fields replaced."
-    if preset not in PRESETS: raise SeamError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = [k for k in overrides if k not in fields]
-    if bad: raise SeamError(f"unknown training option(s) {', '.join(bad)}")
-    return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    "A copy of a training preset with some fields replaced (AffinityNet and retraining presets work the same way)."
+    return config_from_preset(PRESETS, preset, 'training', **overrides)
 
 # %% ../nbs/08_train.ipynb #f477f619
 def poly_lr(base_lr:float, # the group's initial learning rate
