@@ -4,19 +4,20 @@
 
 # %% ../nbs/10_evaluate.ipynb #8b3bf4bb
 from __future__ import annotations
-import time, zipfile, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
-from fastcore.script import call_parse, Param
-from .core import VOC_CLASSES, IGNORE_INDEX, SeamError, cli_guard, atomic_write, save_json, save_label_png
+from fastcore.script import Param
+from .core import (VOC_CLASSES, IGNORE_INDEX, SeamError, console, save_json, save_label_png, save_cam_npz, load_cam_npz,
+                          load_mask, check_files, read_id_list, box_blur)
+from .viz import save_figure, plot_threshold_curves
+from .cam import cam_dict_to_label, power_threshold, max_and_class
 
 # %% auto #0
-__all__ = ['confusion_loop', 'confusion_matrix', 'iou_table', 'default_class_names', 'MeanIoU', 'mean_iou', 'save_cam_npz',
-           'load_cam_npz', 'cams_to_label', 'power_threshold', 'read_label_png', 'check_files', 'default_alphas',
-           'ThresholdCurve', 'threshold_curve', 'synthetic_eval_folder', 'evaluate_label_dir', 'plot_threshold_curves',
-           'plot_class_iou', 'format_table', 'iou_loop', 'bench_eval', 'read_id_list', 'eval_report', 'main']
+__all__ = ['confusion_loop', 'confusion_matrix', 'iou_table', 'default_class_names', 'MeanIoU', 'mean_iou', 'default_alphas',
+           'ThresholdCurve', 'threshold_curve', 'synthetic_eval_folder', 'evaluate_label_dir', 'plot_class_iou',
+           'format_table', 'eval_report', 'main']
 
 # %% ../nbs/10_evaluate.ipynb #3847972f
 def confusion_loop(pred:np.ndarray, # `[H, W]` predicted labels
@@ -97,79 +98,6 @@ def mean_iou(conf:np.ndarray # `[C, C]` confusion matrix (rows ground truth)
     acc = float(np.trace(conf) / total) if total > 0 else float('nan')
     return MeanIoU(miou, acc, int(supported.sum()))
 
-# %% ../nbs/10_evaluate.ipynb #899ffc50
-def save_cam_npz(path, # target file, usually `<dir>/<name>.npz`
-                 cams:dict # {class label id (int >= 1): `[H, W]` scores in [0, 1]}
-                ):
-    "Write CAMs as a compressed `.npz` of float16 maps keyed by label id, atomically."
-    arrays, shape = {}, None
-    for k, v in cams.items():
-        k, a = int(k), np.asarray(v, dtype=np.float32)
-        if k < 1: raise SeamError(f"{path}: CAM keys are foreground label ids >= 1, got {k}")
-        if a.ndim != 2: raise SeamError(f"{path}: CAM for class {k} must be 2-D [H, W], got shape {a.shape}")
-        if shape is not None and a.shape != shape: raise SeamError(f"{path}: CAM for class {k} has shape {a.shape}, others {shape}")
-        if not np.isfinite(a).all() or a.min() < -1e-3 or a.max() > 1 + 1e-3:
-            raise SeamError(f"{path}: CAM for class {k} must hold finite scores in [0, 1]")
-        shape, arrays[str(k)] = a.shape, np.clip(a, 0, 1).astype(np.float16)
-    with atomic_write(path) as f: np.savez_compressed(f, **arrays)
-
-def load_cam_npz(path # a file written by `save_cam_npz`
-                ) -> dict: # {class label id: float32 `[H, W]` map}
-    "Read a CAM `.npz` (never unpickles); any problem becomes a `SeamError` naming the file."
-    path = Path(path)
-    if not path.is_file(): raise SeamError(f"CAM file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, 'files'): raise SeamError(f"{path}: expected an .npz archive of CAMs, found a single array")
-            raw = {key: z[key] for key in z.files}
-    except SeamError: raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise SeamError(f"{path}: not a readable .npz CAM file ({type(e).__name__}: {e})") from None
-    cams, shape = {}, None
-    for key, a in raw.items():
-        if not key.isdigit() or int(key) < 1: raise SeamError(f"{path}: key '{key}' is not a foreground label id ('1', '2', ...)")
-        if a.ndim != 2 or a.dtype.kind != 'f': raise SeamError(f"{path}: '{key}' must be a 2-D float map, got {a.dtype} {a.shape}")
-        if shape is not None and a.shape != shape: raise SeamError(f"{path}: '{key}' has shape {a.shape}, other maps {shape}")
-        a = a.astype(np.float32)
-        if not np.isfinite(a).all(): raise SeamError(f"{path}: '{key}' contains NaN or infinite scores")
-        cams[int(key)], shape = a, a.shape
-    return dict(sorted(cams.items()))
-
-# %% ../nbs/10_evaluate.ipynb #11410b8a
-def _max_and_class(cams:dict, shape) -> tuple:
-    "Per pixel: the highest foreground score (float32, 0 where there is none) and its label id (int64)."
-    if not cams: return np.zeros(shape, np.float32), np.zeros(shape, np.int64)
-    keys = np.array(sorted(cams), dtype=np.int64)
-    stack = np.stack([np.asarray(cams[k], dtype=np.float32) for k in keys])
-    if stack.shape[1:] != tuple(shape): raise SeamError(f"CAMs have shape {stack.shape[1:]}, expected {tuple(shape)}")
-    idx = stack.argmax(0)
-    return np.take_along_axis(stack, idx[None], 0)[0], keys[idx]
-
-def cams_to_label(cams:dict, # {label id: `[H, W]` scores in [0, 1]}, e.g. from `load_cam_npz`
-                  shape:tuple, # `(H, W)`, needed when the dict is empty
-                  bg:str='threshold', # 'threshold': background scores `alpha`; 'power': (1 - max fg)^alpha
-                  alpha:float=0.26 # the background threshold or exponent
-                 ) -> np.ndarray: # `[H, W]` uint8 labels, 0 = background
-    "Label map from CAMs: arg-max over a background score and the foreground scores (ties go to background)."
-    m, c = _max_and_class(cams, shape)
-    if bg == 'threshold': fg = m > alpha
-    elif bg == 'power': fg = m.astype(np.float64) > np.power(1 - m.astype(np.float64), alpha)
-    else: raise SeamError(f"unknown background mode '{bg}': use 'threshold' or 'power'")
-    return np.where(fg, c, 0).astype(np.uint8)
-
-# %% ../nbs/10_evaluate.ipynb #9e691cf3
-def power_threshold(alpha # exponent(s) α >= 0 of the background (1 - m)^α
-                   ) -> np.ndarray: # t with t = (1 - t)^α: "m > (1 - m)^α" is the same as "m > t"
-    "The constant threshold equivalent to the power background, by bisection (float64)."
-    a = np.asarray(alpha, dtype=np.float64)
-    if (a < 0).any(): raise SeamError("the power-background exponent must be >= 0")
-    lo, hi = np.zeros_like(a), np.ones_like(a)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        above = mid > np.power(1 - mid, a)
-        hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
-    return hi
-
 # %% ../nbs/10_evaluate.ipynb #f37402c6
 def _sweep_counts(m, c, gt, thresholds, num_classes:int, ignore_index:int=IGNORE_INDEX) -> np.ndarray:
     "`[A+1, C, C]` counts of valid pixels by (number of thresholds below m, gt label, best fg class)."
@@ -189,35 +117,6 @@ def _counts_to_confusions(H:np.ndarray) -> np.ndarray:
     conf = fg.copy()
     conf[:, :, 0] += np.cumsum(H.sum(2), axis=0)[:-1]  # k <= j: labelled background (column 0)
     return conf
-
-# %% ../nbs/10_evaluate.ipynb #e678f083
-def read_label_png(path # a palette ('P') or greyscale ('L') label PNG
-                  ) -> np.ndarray: # `[H, W]` uint8 labels
-    "Read a label map (VOC ground truth or a pseudo label) as stored indices, with a clear error for anything else."
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    if not path.is_file(): raise SeamError(f"label file {path} not found")
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ('P', 'L'):
-                raise SeamError(f"{path}: a label PNG must be palette ('P') or greyscale ('L') mode, got '{im.mode}'")
-            return np.array(im, dtype=np.uint8)
-    except SeamError: raise
-    except (UnidentifiedImageError, OSError, ValueError) as e: raise SeamError(f"{path}: cannot read label image ({e})") from None
-
-def check_files(folder, # folder expected to hold one file per name
-                names, # image ids
-                ext:str, # file extension, with the dot
-                what:str # what the files are, for the message
-               ):
-    "Raise one `SeamError` if the folder is missing, the list is empty, or files are missing (count + first names)."
-    folder = Path(folder)
-    if not folder.is_dir(): raise SeamError(f"{what} folder {folder} does not exist")
-    if len(names) == 0: raise SeamError("the list of images to evaluate is empty")
-    missing = [n for n in names if not (folder/f'{n}{ext}').is_file()]
-    if missing:
-        raise SeamError(f"{len(missing)} of {len(names)} {what} files are missing from {folder} "
-                        f"(first: {', '.join(n + ext for n in missing[:3])})")
 
 # %% ../nbs/10_evaluate.ipynb #b16e90b8
 def default_alphas(bg:str='threshold' # background mode
@@ -290,27 +189,15 @@ def threshold_curve(cam_dir, # folder of `<name>.npz` CAM files
     order = np.argsort(thr, kind='stable')             # the power thresholds fall as α grows
     H = np.zeros((len(grid) + 1, num_classes, num_classes), np.int64)
     for name in names:
-        gt = read_label_png(Path(gt_dir)/f'{name}.png')
+        gt = load_mask(Path(gt_dir)/f'{name}.png')
         cams = load_cam_npz(Path(cam_dir)/f'{name}.npz')
-        try: H += _sweep_counts(*_max_and_class(cams, gt.shape), gt, thr[order], num_classes, ignore_index)
+        try: H += _sweep_counts(*max_and_class(cams, gt.shape), gt, thr[order], num_classes, ignore_index)
         except SeamError as e: raise SeamError(f"{name}: {e}") from None
     conf = np.empty((len(grid), num_classes, num_classes), np.int64)
     conf[order] = _counts_to_confusions(H)
     return ThresholdCurve(bg, grid, conf, float(fixed_alpha), len(names))
 
 # %% ../nbs/10_evaluate.ipynb #3006d2c3
-def _box_blur(a:np.ndarray, r:int) -> np.ndarray:
-    "Separable box filter of radius r (edges replicated), applied twice: a cheap Gaussian."
-    if r <= 0: return a
-    for _ in range(2):
-        for axis in (0, 1):
-            p = np.pad(a, [(r + 1, r) if ax == axis else (0, 0) for ax in (0, 1)], mode='edge')
-            cs = np.cumsum(p, axis=axis)
-            hi, lo = [slice(None)] * 2, [slice(None)] * 2
-            hi[axis], lo[axis] = slice(2 * r + 1, None), slice(None, -(2 * r + 1))
-            a = (cs[tuple(hi)] - cs[tuple(lo)]) / (2 * r + 1)
-    return a
-
 def synthetic_eval_folder(root, # folder to fill: `gt/*.png`, `<cam_name>/*.npz`, `<cam_name>_label/*.png`
                           n_images:int=8, # how many images
                           size:int=96, # side of the square images
@@ -338,30 +225,34 @@ def synthetic_eval_folder(root, # folder to fill: `gt/*.png`, `<cam_name>/*.npz`
         noise_rng = np.random.default_rng([seed, i, blur])   # CAM noise differs per kind, masks do not
         cams = {}
         for k in np.unique(mask[mask > 0]):
-            s = _box_blur((mask == k).astype(np.float64), blur) + 0.08 * noise_rng.standard_normal(mask.shape)
+            s = box_blur((mask == k).astype(np.float64), blur) + 0.08 * noise_rng.standard_normal(mask.shape)
             s = np.clip(s, 0, None); cams[int(k)] = s / max(s.max(), 1e-5)
         name = f'img_{seed:03d}_{i:04d}'; names.append(name)
         save_label_png(gt, root/'gt'/f'{name}.png')
         save_cam_npz(root/cam_name/f'{name}.npz', cams)
         stored = load_cam_npz(root/cam_name/f'{name}.npz')    # label what was stored (float16), not the float64 maps
-        save_label_png(cams_to_label(stored, mask.shape), root/f'{cam_name}_label'/f'{name}.png')
+        save_label_png(cam_dict_to_label(stored, mask.shape), root/f'{cam_name}_label'/f'{name}.png')
     return names
 
 # %% ../nbs/10_evaluate.ipynb #8abf766d
 def evaluate_label_dir(pred_dir, # folder of `<name>.png` predicted label maps
-                       gt_dir, # folder of `<name>.png` ground-truth label maps
+                       gt, # folder of `<name>.png` ground-truth label maps, or a function `name -> [H, W] mask` (e.g. `source.mask`)
                        names, # image ids
                        num_classes:int=21, # labels, background included
-                       ignore_index:int=IGNORE_INDEX, # 'void' label in both folders
-                       unsure:str='background' # predicted `ignore_index` pixels: 'background' or 'skip'
+                       ignore_index:int=IGNORE_INDEX, # 'void' label in both
+                       unsure:str='background', # predicted `ignore_index` pixels: 'background' or 'skip'
+                       relabel=None # optional function applied to each predicted map first (e.g. merging classes)
                       ) -> dict: # conf, miou, pixel_acc, n_classes, coverage, n_images, unsure
     "Confusion matrix and mIoU of a folder of label PNGs against ground truth (one `bincount` per image)."
     if unsure not in ('background', 'skip'): raise SeamError(f"unsure must be 'background' or 'skip', got '{unsure}'")
     names = list(names)
-    check_files(gt_dir, names, '.png', 'ground-truth'); check_files(pred_dir, names, '.png', 'prediction')
+    if not callable(gt): check_files(gt, names, '.png', 'ground-truth')
+    check_files(pred_dir, names, '.png', 'prediction')
+    gt_of = gt if callable(gt) else (lambda n, d=Path(gt): load_mask(d/f'{n}.png'))
     conf, n_unsure = np.zeros((num_classes, num_classes), np.int64), 0
     for name in names:
-        gt, pred = read_label_png(Path(gt_dir)/f'{name}.png'), read_label_png(Path(pred_dir)/f'{name}.png')
+        gt, pred = gt_of(name), load_mask(Path(pred_dir)/f'{name}.png')
+        if relabel is not None: pred = relabel(pred)
         if gt.shape != pred.shape: raise SeamError(f"{name}: prediction is {pred.shape[1]}x{pred.shape[0]}, ground truth {gt.shape[1]}x{gt.shape[0]}")
         hole = (pred == ignore_index) & (gt != ignore_index)
         n_unsure += int(hole.sum())
@@ -374,28 +265,6 @@ def evaluate_label_dir(pred_dir, # folder of `<name>.png` predicted label maps
                 n_images=len(names), unsure=unsure)
 
 # %% ../nbs/10_evaluate.ipynb #03cf1a1c
-def plot_threshold_curves(curves:dict, # {method name: ThresholdCurve}; a single ThresholdCurve is fine too
-                          title:str='CAM mIoU vs background threshold' # axes title
-                         ):
-    "One line per method; a star marks each best α (tuned on ground truth), a dot and a dotted line the fixed α."
-    from matplotlib.figure import Figure
-    if isinstance(curves, ThresholdCurve): curves = {'CAM': curves}
-    fig = Figure(figsize=(6.4, 4)); ax = fig.add_subplot()
-    for i, (name, cv) in enumerate(curves.items()):
-        col = f'C{i}'
-        ax.plot(cv.alphas, 100 * cv.miou, color=col, label=name)
-        ax.plot(cv.best_alpha, 100 * cv.best_miou, '*', ms=12, color=col,
-                label=f'{name}: {100*cv.best_miou:.1f} at α={cv.best_alpha:g} (tuned on ground truth)')
-        fa = cv.alphas[cv.fixed_index]
-        ax.plot(fa, 100 * cv.fixed_miou, 'o', color=col, label=f'{name}: {100*cv.fixed_miou:.1f} at fixed α={fa:g}')
-    fixed = {float(cv.alphas[cv.fixed_index]) for cv in curves.values()}
-    for fa in fixed: ax.axvline(fa, color='grey', ls=':', lw=1)
-    bgs = {cv.bg for cv in curves.values()}
-    ax.set_xlabel('background exponent α in (1 − max fg)^α' if bgs == {'power'} else 'background threshold α')
-    ax.set_ylabel('mIoU (%)'); ax.set_title(title); ax.grid(alpha=0.3); ax.legend(fontsize=7, loc='best')
-    fig.tight_layout()
-    return fig
-
 def plot_class_iou(results:dict, # {method name: `[C, C]` confusion matrix}
                    class_names=None, # label names; VOC's for 21 labels
                    title:str='IoU per class' # axes title
@@ -431,57 +300,7 @@ def format_table(columns:dict, # {column title: `[C, C]` confusion matrix}
     rows.append(f"{'mIoU':<14}" + ''.join(f" | {f(mean_iou(c).miou)}" + ' ' * 15 for c in columns.values()))
     return '\n'.join(rows)
 
-# %% ../nbs/10_evaluate.ipynb #ffe3b358
-def iou_loop(pred:np.ndarray, gt:np.ndarray, num_classes:int=21, ignore_index:int=IGNORE_INDEX):
-    "Reference in the style of the original script: per class, count TP, P (predicted) and T (true) pixels."
-    valid = gt != ignore_index
-    tp, p, t = (np.zeros(num_classes, np.int64) for _ in range(3))
-    for c in range(num_classes):
-        pc, tc = (pred == c) & valid, (gt == c) & valid
-        p[c], t[c], tp[c] = pc.sum(), tc.sum(), (pc & tc).sum()
-    return tp, p, t
-
-def bench_eval(n_images:int=20, # images in the synthetic folder
-               size:int=256, # image side
-               num_classes:int=21, # labels
-               n_alphas:int=61, # thresholds in the sweep
-               root=None # folder to use (a temporary one if None)
-              ) -> dict: # timings in seconds and speed-up ratios
-    "Time the per-class loop against `bincount`, for plain counting and for a whole threshold sweep from files."
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(root or d)
-        names = synthetic_eval_folder(root, n_images, size, num_classes, blur=6, seed=0)
-        gts = [read_label_png(root/'gt'/f'{n}.png') for n in names]
-        preds = [read_label_png(root/'cam_label'/f'{n}.png') for n in names]
-        t0 = time.perf_counter()
-        loop = [iou_loop(p, g, num_classes) for p, g in zip(preds, gts)]
-        t1 = time.perf_counter()
-        conf = np.zeros((num_classes, num_classes), np.int64)
-        for p, g in zip(preds, gts): confusion_matrix(p, g, num_classes, conf=conf)
-        t2 = time.perf_counter()
-        tp = sum(l[0] for l in loop)
-        if not np.array_equal(tp, np.diag(conf)): raise RuntimeError("bincount and loop disagree")
-        alphas = np.round(np.linspace(0, 0.6, n_alphas), 3)
-        t3 = time.perf_counter()
-        for a in alphas:
-            for n in names:
-                g, cams = read_label_png(root/'gt'/f'{n}.png'), load_cam_npz(root/'cam'/f'{n}.npz')
-                iou_loop(cams_to_label(cams, g.shape, alpha=a), g, num_classes)
-        t4 = time.perf_counter()
-        threshold_curve(root/'cam', root/'gt', names, num_classes, alphas=alphas)
-        t5 = time.perf_counter()
-    return dict(n_images=n_images, size=size, n_alphas=n_alphas,
-                count_loop_s=t1 - t0, count_bincount_s=t2 - t1, count_ratio=(t1 - t0) / max(t2 - t1, 1e-9),
-                sweep_loop_s=t4 - t3, sweep_onepass_s=t5 - t4, sweep_ratio=(t4 - t3) / max(t5 - t4, 1e-9))
-
 # %% ../nbs/10_evaluate.ipynb #ade5319c
-def read_id_list(path # text file: one image id per line (VOC style), or 'img.jpg mask.png' pairs (SBD aug style)
-                ) -> list: # image ids
-    "Image ids from a list file; only the stem of the first field of each line is kept."
-    path = Path(path)
-    if not path.is_file(): raise SeamError(f"image list {path} not found")
-    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
-
 def _resolve_names(list_path, gt_dir:Path, pred_dir:Path, ext:str) -> list:
     "Names from the list file, or else every ground-truth PNG that has a prediction."
     if list_path: return read_id_list(list_path)
@@ -492,10 +311,6 @@ def _resolve_names(list_path, gt_dir:Path, pred_dir:Path, ext:str) -> list:
     if not names: raise SeamError(f"no file in {pred_dir} matches a ground-truth PNG in {gt_dir} (expected <name>{ext})")
     if len(names) < len(all_gt): print(f"note: {len(names)} of {len(all_gt)} ground-truth images have a prediction; evaluating those")
     return names
-
-def _save_fig(fig, path):
-    "Write a matplotlib figure as PNG, atomically."
-    with atomic_write(path) as f: fig.savefig(f, format='png', dpi=110)
 
 # %% ../nbs/10_evaluate.ipynb #3d941098
 def eval_report(cam_dir=None, # folder of `<name>.npz` CAM files
@@ -552,14 +367,13 @@ def eval_report(cam_dir=None, # folder of `<name>.npz` CAM files
         for line in summary: print(line)
     if out:
         out = Path(out)
-        for fname, fig in figs.items(): _save_fig(fig, out/fname)
+        for fname, fig in figs.items(): save_figure(fig, out/fname, dpi=110)
         save_json(report, out/'metrics.json')
         if verbose: print(f"wrote {out/'metrics.json'} and {', '.join(figs)}")
     return report
 
 # %% ../nbs/10_evaluate.ipynb #eb99ed67
-@call_parse
-@cli_guard
+@console
 def main(cam_dir:str=None, # folder of <name>.npz CAM files (scored through a background α)
          label_dir:str=None, # folder of <name>.png label maps: pseudo labels or predictions
          gt_dir:str=None, # folder of ground-truth label PNGs (default with --voc_root: its SegmentationClass)
@@ -576,3 +390,5 @@ def main(cam_dir:str=None, # folder of <name>.npz CAM files (scored through a ba
         ):
     "Score CAMs or label maps against ground truth: per-class IoU table, mIoU at a fixed α, optionally the α sweep."
     eval_report(cam_dir, label_dir, gt_dir, list, voc_root, split, num_classes, class_names, bg, alpha, sweep, unsure, out)
+
+if __name__ == '__main__' and '__file__' in globals(): main()

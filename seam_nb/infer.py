@@ -11,39 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from fastcore.script import call_parse, Param
-from .core import SeamError, cli_guard, get_device, save_label_png, save_json, colorize, atomic_write
-from .data import multiscale_views
+from .core import SeamError, console, get_device, save_label_png, save_json, colorize, save_cam_npz, load_cam_npz, parse_numbers
+from .viz import save_figure, max_heat
+from .transforms import multiscale_views
+from .weights import load_network, load_checkpoint
 from .model import SEAMNet
-from .cam import max_norm
-from .evaluate import save_cam_npz, load_cam_npz, cams_to_label
-from .crf import crf_label
-from .backbone import fit_state_dict
-from .train import load_checkpoint, build_source, dashed_to_underscored
+from .cam import max_norm, cam_dict_to_label
+from .engine import build_source
 
 # %% auto #0
-__all__ = ['load_model', 'multiscale_cam', 'output_paths', 'is_done', 'shard', 'write_outputs', 'infer_cams', 'plot_inference',
-           'bench_infer', 'main']
-
-# %% ../nbs/09_infer.ipynb #4ec51036
-def load_model(ckpt, # path of a `seam_nb.train` checkpoint or a plain SEAMNet state dict (.pth), or the loaded dict
-               backbone:str=None, # override/declare the backbone (plain state dicts default to 'resnet38')
-               device='cpu', # where to put the network
-               pcm_chunk=None # PCM memory bound: None (full affinity), 'auto' or columns per block
-              ) -> nn.Module:
-    "A `SEAMNet` in eval mode with the weights of `ckpt`; a mismatching file is a one-line `SeamError`."
-    ck = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
-    if isinstance(ckpt, dict): ckpt = 'the checkpoint'
-    if isinstance(ck.get('model'), dict) and isinstance(ck.get('config'), dict):
-        state, backbone = ck['model'], backbone or ck['config'].get('backbone', 'resnet38')
-    else: state, backbone = ck, backbone or 'resnet38'
-    state = {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
-    if 'fc8.weight' not in state: raise SeamError(f"{ckpt} holds no 'fc8.weight': not a trained SEAM network")
-    model = SEAMNet(backbone, num_classes=int(state['fc8.weight'].shape[0]), pcm_chunk=pcm_chunk)
-    new, report = fit_state_dict(model, state, f"{ckpt} (as backbone '{backbone}')")   # tolerates missing BN counters only
-    if report.missing: raise SeamError(f"{ckpt} lacks trained head layers ({', '.join(report.missing[:3])}): not a SEAM network")
-    model.load_state_dict(new)
-    return model.to(device).eval()
+__all__ = ['multiscale_cam', 'output_paths', 'is_done', 'shard', 'write_outputs', 'infer_cams', 'plot_inference', 'main']
 
 # %% ../nbs/09_infer.ipynb #ac7eb6d1
 def _lowres(model, x):
@@ -77,19 +54,16 @@ def multiscale_cam(model:nn.Module, # a SEAMNet in eval mode
 
 # %% ../nbs/09_infer.ipynb #c63d850e
 def output_paths(out_dir, # the inference folder
-                 name:str, # image name
-                 crf_alphas=() # CRF α values whose labels are written too
+                 name:str # image name
                 ) -> dict: # {kind: path}
     "Every file that inference writes for `name`."
     out = Path(out_dir)
-    paths = {'cam': out/'cam'/f'{name}.npz', 'pcm': out/'pcm'/f'{name}.npz',
-             'label_cam': out/'label_cam'/f'{name}.png', 'label_pcm': out/'label_pcm'/f'{name}.png'}
-    for a in crf_alphas: paths[f'label_crf_{a:g}'] = out/f'label_crf_{a:g}'/f'{name}.png'
-    return paths
+    return {'cam': out/'cam'/f'{name}.npz', 'pcm': out/'pcm'/f'{name}.npz',
+            'label_cam': out/'label_cam'/f'{name}.png', 'label_pcm': out/'label_pcm'/f'{name}.png'}
 
-def is_done(out_dir, name:str, crf_alphas=()) -> bool:
+def is_done(out_dir, name:str) -> bool:
     "True when all of `name`'s outputs exist."
-    return all(p.exists() for p in output_paths(out_dir, name, crf_alphas).values())
+    return all(p.exists() for p in output_paths(out_dir, name).values())
 
 def shard(names:list, # all image names, in a fixed order
           rank:int=0, # this process
@@ -104,28 +78,24 @@ def _as_dict(maps, labels) -> dict:
     "`{label id: map}` for the present classes, rounded to float16 as they are stored."
     return {k + 1: maps[k].astype(np.float16).astype(np.float32) for k in np.flatnonzero(np.asarray(labels) > 0)}
 
-def write_outputs(out_dir, name:str, img:np.ndarray, labels, cam:np.ndarray, pcm:np.ndarray,
-                  bg:str='threshold', alpha:float=0.26, crf_alphas=()):
-    "Write the `.npz` maps and the pseudo-label PNGs of one image (each file atomically)."
-    paths = output_paths(out_dir, name, crf_alphas)
-    shape = img.shape[:2]
+def write_outputs(out_dir, name:str, shape:tuple, labels, cam:np.ndarray, pcm:np.ndarray,
+                  bg:str='threshold', alpha:float=0.26):
+    "Write the `.npz` maps and the pseudo-label PNGs of one image of size `shape` (each file atomically)."
+    paths = output_paths(out_dir, name)
     cams, pcms = _as_dict(cam, labels), _as_dict(pcm, labels)
     save_cam_npz(paths['cam'], cams); save_cam_npz(paths['pcm'], pcms)
-    save_label_png(cams_to_label(cams, shape, bg, alpha), paths['label_cam'])
-    for a in crf_alphas: save_label_png(crf_label(img, pcms, a), paths[f'label_crf_{a:g}'])
-    save_label_png(cams_to_label(pcms, shape, bg, alpha), paths['label_pcm'])
+    save_label_png(cam_dict_to_label(cams, shape, bg, alpha), paths['label_cam'])
+    save_label_png(cam_dict_to_label(pcms, shape, bg, alpha), paths['label_pcm'])
 
 # %% ../nbs/09_infer.ipynb #f0427272
 def infer_cams(model:nn.Module, # a SEAMNet (moved to `device`, put in eval mode)
-               source, # a `seam_nb.data` source: names, image(), labels()
+               source, # a `Source`: names, image(), labels()
                out_dir, # output folder
                scales=(0.5, 1.0, 1.5, 2.0), # inference scales
                flip:bool=True, # add mirrored views
                batched:bool=True, # both mirrored views in one forward
                bg:str='threshold', # background rule for the pseudo labels: 'threshold' or 'power'
                alpha:float=0.26, # background threshold (or exponent for 'power')
-               crf:bool=False, # also write dense-CRF labels
-               crf_alphas=(4, 24), # CRF background exponents
                device='auto', # where to run
                rank:int=None, # this process's shard (default: $RANK or 0)
                world_size:int=None, # number of shards (default: $WORLD_SIZE or 1)
@@ -138,16 +108,15 @@ def infer_cams(model:nn.Module, # a SEAMNet (moved to `device`, put in eval mode
     device = get_device(device)
     if device.type == 'cuda' and device.index is None and world_size > 1:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count())
-    crf_alphas = tuple(crf_alphas) if crf else ()
     model = model.to(device).eval()
     mine = shard(names if names is not None else source.names, rank, world_size)
-    todo = [n for n in mine if not is_done(out_dir, n, crf_alphas)]
+    todo = [n for n in mine if not is_done(out_dir, n)]
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     for name in tqdm(todo, desc=f'infer {rank}/{world_size}', disable=not progress, dynamic_ncols=True):
         img, labels = source.image(name), source.labels(name)
         cam, pcm = multiscale_cam(model, img, labels, scales, flip, batched, device)
-        write_outputs(out_dir, name, img, labels, cam, pcm, bg, alpha, crf_alphas)
+        write_outputs(out_dir, name, img.shape[:2], labels, cam, pcm, bg, alpha)
     sec = time.perf_counter() - t0
     return {'rank': rank, 'world_size': world_size, 'assigned': len(mine), 'processed': len(todo),
             'skipped': len(mine) - len(todo), 'seconds': sec, 'images_per_s': len(todo) / sec if todo and sec > 0 else 0.}
@@ -167,7 +136,7 @@ def plot_inference(source, # the source the maps were computed for
     fig, axs = plt.subplots(len(names), len(cols), figsize=(2.1 * len(cols), 2.2 * len(names)), squeeze=False)
     for r, nm in enumerate(names):
         img = source.image(nm)
-        heat = [np.max(np.stack(list(d.values())), 0) if d else np.zeros(img.shape[:2]) for d in (load_cam_npz(out/'cam'/f'{nm}.npz'), load_cam_npz(out/'pcm'/f'{nm}.npz'))]
+        heat = [max_heat(out/k/f'{nm}.npz', img.shape[:2]) for k in ('cam', 'pcm')]
         labs = [np.asarray(Image.open(out/k/f'{nm}.png')) for k in ('label_cam', 'label_pcm')]
         mask = source.mask(nm)
         panels = [img, heat[0], heat[1], colorize(labs[0]), colorize(labs[1]), colorize(mask) if mask is not None else None]
@@ -180,43 +149,8 @@ def plot_inference(source, # the source the maps were computed for
     fig.tight_layout()
     return fig
 
-# %% ../nbs/09_infer.ipynb #2334fc96
-def bench_infer(model:nn.Module, # a SEAMNet in eval mode
-                source, # images to time
-                n:int=4, # number of images
-                scales=(0.5, 1.0, 1.5, 2.0), # inference scales
-                device='auto', # where to run
-                repeats:int=1 # passes over the images per mode
-               ) -> dict: # seconds per image for both modes and the speed-up ratio
-    "Time multi-scale inference with batched flips against one forward per view."
-    device = get_device(device)
-    model = model.to(device).eval()
-    names = source.names[:n]
-    items = [(source.image(nm), source.labels(nm)) for nm in names]
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    multiscale_cam(model, *items[0], scales, True, True, device)                  # warm-up
-    res = {}
-    for batched in (False, True):
-        sync(); t0 = time.perf_counter()
-        for _ in range(repeats):
-            for img, lab in items: multiscale_cam(model, img, lab, scales, True, batched, device)
-        sync(); res['batched_s' if batched else 'unbatched_s'] = (time.perf_counter() - t0) / (repeats * len(items))
-    res['speedup'] = res['unbatched_s'] / res['batched_s']
-    res.update(device=str(device), images=len(items), scales=list(scales))
-    return res
-
 # %% ../nbs/09_infer.ipynb #085b1fea
-def _parse_scales(s:str) -> tuple:
-    try: sc = tuple(float(x) for x in str(s).replace(',', ' ').split())
-    except ValueError: raise SeamError(f"--scales must be numbers like 0.5,1,1.5,2, got '{s}'") from None
-    if not sc or min(sc) <= 0: raise SeamError(f"--scales must be positive numbers, got '{s}'")
-    return sc
-
-if (__name__ == '__main__' and '__file__' in globals()) or Path(sys.argv[0]).name == 'seam_nb_infer':
-    sys.argv[1:] = dashed_to_underscored(sys.argv[1:])   # accept --data-root as well as --data_root
-
-@call_parse
-@cli_guard
+@console
 def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state dict
          backbone:str=None, # backbone of a plain .pth (default resnet38; train checkpoints know theirs)
          dataset:str='shapes', # shapes, voc or folder
@@ -230,7 +164,6 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
          no_flip:bool=False, # skip the mirrored views
          bg:str='threshold', # background for pseudo labels: threshold or power
          alpha:float=None, # background threshold (default 0.26), or exponent with --bg power (default 4)
-         crf:bool=False, # also write dense-CRF labels (alpha 4 and 24)
          device:str='auto', # auto, cpu, cuda, cuda:1, ...
          pcm_chunk:str=None, # bound PCM memory on large images: 'auto' or columns per block (default: full affinity)
          rank:int=None, # this shard (default: $RANK or 0)
@@ -240,7 +173,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     "Write multi-scale CAM/PCM maps and pseudo labels for a dataset (run again to resume); --data-root and --data_root both work."
     if not ckpt: raise SeamError("give --ckpt (a checkpoint from seam_nb_train or a SEAMNet .pth file)")
     if bg not in ('threshold', 'power'): raise SeamError(f"--bg must be threshold or power, got '{bg}'")
-    sc = _parse_scales(scales)
+    sc = parse_numbers(scales, '--scales')
     alpha = alpha if alpha is not None else (0.26 if bg == 'threshold' else 4.)
     ck = load_checkpoint(ckpt)
     trained = ck.get('config') if isinstance(ck.get('config'), dict) else {}
@@ -249,16 +182,17 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     if pcm_chunk not in (None, 'auto'):
         if not str(pcm_chunk).isdigit() or int(pcm_chunk) < 1: raise SeamError(f"--pcm_chunk must be 'auto' or a positive integer, got '{pcm_chunk}'")
         pcm_chunk = int(pcm_chunk)
-    model = load_model(ck, backbone, pcm_chunk=pcm_chunk)
+    model = load_network(ck, SEAMNet, backbone=backbone, pcm_chunk=pcm_chunk)
     if model.num_classes != src.num_classes:
         raise SeamError(f"{ckpt} predicts {model.num_classes} labels but the {dataset} data have {src.num_classes}")
     if int(os.environ.get('RANK', rank or 0)) == 0:
         save_json(dict(ckpt=str(ckpt), dataset=dataset, data_root=data_root, split=split, scales=list(sc), flip=not no_flip,
-                       bg=bg, alpha=alpha, crf=crf), Path(out)/'infer_config.json')
-    res = infer_cams(model, src, out, sc, not no_flip, True, bg, alpha, crf, device=device, rank=rank,
+                       bg=bg, alpha=alpha), Path(out)/'infer_config.json')
+    res = infer_cams(model, src, out, sc, not no_flip, True, bg, alpha, device=device, rank=rank,
                      world_size=world_size, progress=not no_progress)
     if res['rank'] == 0 and res['assigned']:
         names = [n for n in shard(src.names, 0, res['world_size'])[:4]]
-        fig = plot_inference(src, out, names)
-        with atomic_write(Path(out)/'preview.png') as f: fig.savefig(f, format='png', dpi=80)
+        save_figure(plot_inference(src, out, names), Path(out)/'preview.png', dpi=80)
     print(f"rank {res['rank']}/{res['world_size']}: {res['processed']} images written, {res['skipped']} already done -> {out}")
+
+if __name__ == '__main__' and '__file__' in globals(): main()
