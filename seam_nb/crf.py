@@ -10,6 +10,7 @@ import numpy as np
 from .core import SeamError, console, save_label_png, load_cam_npz, check_dir, check_files, parse_numbers
 from .cam import bg_power
 from .engine import build_source
+from .infer import source_options
 
 # %% auto #0
 __all__ = ['dense_crf', 'crf_with_alpha', 'crf_label', 'crf_stage', 'main']
@@ -80,7 +81,7 @@ def crf_label(img:np.ndarray, # `[H, W, 3]` uint8 RGB image
     keys = np.array(list(q), dtype=np.uint8)
     return keys[np.stack(list(q.values())).argmax(0)]
 
-# %% ../nbs/12_crf.ipynb #344dc7db
+# %% ../nbs/12_crf.ipynb #d5087610
 def crf_stage(source, # a `Source`: the images the maps belong to
               cam_dir, # folder of `<name>.npz` maps (SEAM: the inference folder's `pcm/`)
               out_dir, # where `label_crf_<α>/<name>.png` go (usually the inference folder)
@@ -102,26 +103,20 @@ def crf_stage(source, # a `Source`: the images the maps belong to
         for a, d in dirs.items(): save_label_png(crf_label(img, cams, a), d/f'{name}.png')
     return {'written': len(todo), 'skipped': len(names) - len(todo), 'total': len(names)}
 
-# %% ../nbs/12_crf.ipynb #c16d719b
-@console
+# %% ../nbs/12_crf.ipynb #058e95d9
+@console(data=True)
 def main(infer_dir:str=None, # a seam_nb_infer folder: maps from its pcm/ (or --maps), labels written beside them
          maps:str='pcm', # which maps of the folder: pcm (SEAM's refined maps, as the original) or cam
-         dataset:str='shapes', # shapes, voc or folder
-         data_root:str=None, # VOC2012 folder, or the image folder for --dataset folder
-         csv:str=None, # labels CSV for --dataset folder
-         split:str='train', # image list of the inference run
-         sbd_list:str=None, # extra VOC list for split train_aug
-         n_images:int=512, # Shapes: number of images
-         image_size:int=128, # Shapes: image side
          alphas:str='4,24', # background exponents of (1 - max fg)^alpha, one label folder each
          rank:int=None, # this shard (default: $RANK or 0)
          world_size:int=None, # number of shards (default: $WORLD_SIZE or 1)
          no_progress:bool=False, # hide the progress bar
+         **data # --dataset, --data-root, ... (see `core.DATA_OPTIONS`)
         ):
     "Dense-CRF labels (label_crf_<alpha>/) for every image of a seam_nb_infer folder; run again to resume."
     d = check_dir(infer_dir, 'inference output (--infer_dir)')
     if maps not in ('pcm', 'cam'): raise SeamError(f"--maps must be pcm or cam, got '{maps}'")
-    src = build_source(dataset, data_root, split, csv, sbd_list, n_images, image_size)
+    src = build_source(**source_options(d, **data))
     res = crf_stage(src, d/maps, d, parse_numbers(alphas, '--alphas'), rank, world_size, progress=not no_progress)
     print(f"{res['written']} images labelled, {res['skipped']} already done -> {d}/label_crf_*")
 

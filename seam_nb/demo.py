@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_demo.ipynb #2f880f9a
 from __future__ import annotations
-import os, json, time, dataclasses
+import os, json, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -272,7 +272,7 @@ def check_out_dir(out, # the folder asked for
         with atomic_write(out/MARKER, 'w') as f: f.write('written by seam_nb_demo; the outputs here may be replaced on a rerun\n')
     return out
 
-# %% ../nbs/11_demo.ipynb #8ad24590
+# %% ../nbs/11_demo.ipynb #f18ce595
 def plot_demo_losses(out):
     "Figure: the training losses of both runs (smoothed)."
     from matplotlib.figure import Figure

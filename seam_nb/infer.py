@@ -4,14 +4,14 @@
 
 # %% ../nbs/09_infer.ipynb #9695ab45
 from __future__ import annotations
-import os, sys, time
+import os, json, time
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from .core import SeamError, console, get_device, save_label_png, save_json, colorize, save_cam_npz, load_cam_npz, parse_numbers
+from .core import SeamError, console, get_device, save_label_png, save_json, colorize, save_cam_npz, parse_numbers
 from .viz import save_figure, max_heat
 from .transforms import multiscale_views
 from .weights import load_network, load_checkpoint
@@ -20,7 +20,8 @@ from .cam import max_norm, cam_dict_to_label
 from .engine import build_source
 
 # %% auto #0
-__all__ = ['multiscale_cam', 'output_paths', 'is_done', 'shard', 'write_outputs', 'infer_cams', 'plot_inference', 'main']
+__all__ = ['SOURCE_OPTIONS', 'multiscale_cam', 'output_paths', 'is_done', 'shard', 'write_outputs', 'infer_cams',
+           'plot_inference', 'main', 'source_options']
 
 # %% ../nbs/09_infer.ipynb #ac7eb6d1
 def _lowres(model, x):
@@ -150,15 +151,9 @@ def plot_inference(source, # the source the maps were computed for
     return fig
 
 # %% ../nbs/09_infer.ipynb #085b1fea
-@console
+@console(data=True)
 def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state dict
          backbone:str=None, # backbone of a plain .pth (default resnet38; train checkpoints know theirs)
-         dataset:str='shapes', # shapes, voc or folder
-         data_root:str=None, # VOC2012 folder, or the image folder for --dataset folder
-         csv:str=None, # labels CSV for --dataset folder
-         split:str='train', # image list (the paper evaluates CAMs on VOC train); Shapes: train/val/test
-         sbd_list:str=None, # extra VOC list for split train_aug
-         n_images:int=None, # Shapes: number of images (default: as in training)
          out:str='runs/infer', # output folder
          scales:str='0.5,1.0,1.5,2.0', # comma-separated inference scales
          no_flip:bool=False, # skip the mirrored views
@@ -169,6 +164,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
          rank:int=None, # this shard (default: $RANK or 0)
          world_size:int=None, # number of shards (default: $WORLD_SIZE or 1)
          no_progress:bool=False, # hide the progress bar
+         **data # --dataset (default shapes), --data-root, --split (default train: the paper scores CAMs on VOC train), ...
         ):
     "Write multi-scale CAM/PCM maps and pseudo labels for a dataset (run again to resume); --data-root and --data_root both work."
     if not ckpt: raise SeamError("give --ckpt (a checkpoint from seam_nb_train or a SEAMNet .pth file)")
@@ -178,7 +174,11 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     ck = load_checkpoint(ckpt)
     trained = ck.get('config') if isinstance(ck.get('config'), dict) else {}
     shapes_kw = trained if trained.get('dataset') == 'shapes' else {}              # Shapes: same image size as in training
-    src = build_source(dataset, data_root, split, csv, sbd_list, n_images or shapes_kw.get('n_images', 512), shapes_kw.get('image_size', 128))
+    dataset, data_root, csv, split, sbd_list = (data.get('dataset') or 'shapes', data.get('data_root'), data.get('csv'),
+                                                data.get('split') or 'train', data.get('sbd_list'))
+    n_images = data.get('n_images') or shapes_kw.get('n_images', 512)
+    image_size = data.get('image_size') or shapes_kw.get('image_size', 128)
+    src = build_source(dataset, data_root, split, csv, sbd_list, n_images, image_size)
     if pcm_chunk not in (None, 'auto'):
         if not str(pcm_chunk).isdigit() or int(pcm_chunk) < 1: raise SeamError(f"--pcm_chunk must be 'auto' or a positive integer, got '{pcm_chunk}'")
         pcm_chunk = int(pcm_chunk)
@@ -186,8 +186,9 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     if model.num_classes != src.num_classes:
         raise SeamError(f"{ckpt} predicts {model.num_classes} labels but the {dataset} data have {src.num_classes}")
     if int(os.environ.get('RANK', rank or 0)) == 0:
-        save_json(dict(ckpt=str(ckpt), dataset=dataset, data_root=data_root, split=split, scales=list(sc), flip=not no_flip,
-                       bg=bg, alpha=alpha), Path(out)/'infer_config.json')
+        save_json(dict(ckpt=str(ckpt), dataset=dataset, data_root=data_root, split=split, csv=csv, sbd_list=sbd_list,
+                       n_images=n_images, image_size=image_size, scales=list(sc), flip=not no_flip, bg=bg, alpha=alpha),
+                  Path(out)/'infer_config.json')
     res = infer_cams(model, src, out, sc, not no_flip, True, bg, alpha, device=device, rank=rank,
                      world_size=world_size, progress=not no_progress)
     if res['rank'] == 0 and res['assigned']:
@@ -196,3 +197,16 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     print(f"rank {res['rank']}/{res['world_size']}: {res['processed']} images written, {res['skipped']} already done -> {out}")
 
 if __name__ == '__main__' and '__file__' in globals(): main()
+
+# %% ../nbs/09_infer.ipynb #843d3afb
+SOURCE_OPTIONS = ('dataset', 'data_root', 'csv', 'split', 'sbd_list', 'n_images', 'image_size')
+
+def source_options(infer_dir, # a `seam_nb_infer` output folder, or None
+                   **given # options the user gave (None: not given)
+                  ) -> dict: # the `build_source` arguments: given ones, else the folder's, else the defaults
+    "The data options of a later stage: what the user gave, else what the inference folder recorded, else Shapes defaults."
+    stored = {}
+    if infer_dir is not None and (Path(infer_dir)/'infer_config.json').is_file():
+        stored = json.loads((Path(infer_dir)/'infer_config.json').read_text())
+    defaults = dict(dataset='shapes', data_root=None, csv=None, split='train', sbd_list=None, n_images=512, image_size=128)
+    return {k: next((v for v in (given.get(k), stored.get(k), defaults[k]) if v is not None), None) for k in SOURCE_OPTIONS}

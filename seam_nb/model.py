@@ -4,7 +4,6 @@
 
 # %% ../nbs/06_model.ipynb #3b1e8dd9
 from __future__ import annotations
-import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -11,19 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from PIL import Image as PILImage
 import ipywidgets as widgets
 from .core import VOC_CLASSES, SeamError, data_dir, torch_threads
-from .viz import PanelCanvas, fig_png, heat_overlay, label_overlay, save_figure
+from .viz import PanelCanvas, fig_png
 from .transforms import normalize_image, denormalize, resize_image
 from .sources import Source, VOCSource
 from .shapes import SHAPE_CLASSES, ShapesSource, SHAPES_SPLIT_SEEDS
 from .weights import load_network
-from .cam import max_norm, cam_to_label
-from .equivariance import Transform, make_transform, first_output, consistency, consistency_curve, plot_consistency_curves
+from .cam import max_norm
+from .equivariance import Transform, Chain, make_transform, first_output, consistency, consistency_curve, plot_consistency_curves
 from .model import SEAMNet
-from .evaluate import confusion_matrix, mean_iou
-from .crf import dense_crf
 
 # %% auto #0
 __all__ = ['UNTRAINED_NOTE', 'SHAPES_TEST_SEED', 'CURVE_SCALES', 'load_shapes_models', 'ImageItem', 'fit_image', 'voc_sample_dir',
