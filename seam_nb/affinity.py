@@ -9,14 +9,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import SeamError, IGNORE_INDEX, colorize, box_blur
+from .core import SeamError, IGNORE_INDEX, colorize
+from .shapes import box_blur
 from .backbones import Backbone, BackboneAdopter
 from .weights import backbone_from
 
 # %% auto #0
 __all__ = ['pair_offsets', 'effective_radius', 'pair_indices', 'plot_pairs', 'pair_affinity', 'dense_affinity', 'sparse_affinity',
-           'AffinityNet', 'pool_labels', 'affinity_label_map', 'affinity_labels', 'affinity_loss', 'synthetic_cams',
-           'plot_affinity_labels']
+           'AffinityNet', 'block_mean', 'grid_labels', 'one_hot_scores', 'label_keys', 'affinity_label_map',
+           'affinity_labels', 'affinity_loss', 'synthetic_cams', 'plot_affinity_labels']
 
 # %% ../nbs/13_affinity.ipynb #1e5cad08
 def pair_offsets(radius:int=5 # pairs have dy² + dx² < radius²
@@ -195,37 +196,56 @@ class AffinityNet(BackboneAdopter):
         return build(pair_affinity(f, self.radius, chunk=None if torch.is_grad_enabled() else 4), h, w, self.radius), (h, w)
 
 # %% ../nbs/13_affinity.ipynb #8bfc7f36
-def pool_labels(label:np.ndarray, # `[H, W]` label map, 255 = no score (padding / ignore)
-                stride:int=8 # block size
-               ) -> np.ndarray: # `[ceil(H/stride), ceil(W/stride)]` uint8
-    "Majority label of each stride×stride block (ties to the smaller id), 255 where the block has no labelled pixel: average-pooled one-hot scores + arg-max."
-    lab = np.asarray(label)
-    if lab.ndim != 2: raise SeamError(f"a label map must be 2-D, got shape {lab.shape}")
+def block_mean(scores:np.ndarray, # `[C, H, W]` score maps
+               stride:int=8 # block size
+              ) -> np.ndarray: # `[C, ceil(H/stride), ceil(W/stride)]` float32
+    "Mean of every stride×stride block; partial blocks are padded with zeros first (as `skimage.measure.block_reduce`)."
+    a = np.asarray(scores, np.float32)
+    if a.ndim != 3: raise SeamError(f"score maps must be [C, H, W], got shape {a.shape}")
     s = int(stride)
-    if s == 1: return lab.astype(np.uint8)
-    H, W = lab.shape
+    C, H, W = a.shape
     h, w = -(-H // s), -(-W // s)
-    pad = np.full((h * s, w * s), IGNORE_INDEX, np.int64)
-    pad[:H, :W] = lab
-    block = (np.arange(h * s)[:, None] // s) * w + np.arange(w * s)[None, :] // s      # block id of each pixel
-    ok = pad < IGNORE_INDEX
-    counts = np.bincount(block[ok] * 256 + pad[ok], minlength=h * w * 256).reshape(h * w, 256)
-    out = counts.argmax(1).astype(np.uint8)
-    out[counts.max(1) == 0] = IGNORE_INDEX
-    return out.reshape(h, w)
+    if (h * s, w * s) != (H, W): a = np.pad(a, ((0, 0), (0, h * s - H), (0, w * s - W)))
+    return a.reshape(C, h, s, w, s).mean((2, 4))
 
-# %% ../nbs/13_affinity.ipynb #bae204e1
+def grid_labels(la:np.ndarray, # `[C, H, W]` CRF scores with the strong background (α = 4); channel 0 = background
+                ha:np.ndarray, # `[C, H, W]` CRF scores with the weak background (α = 24), same channels
+                keys, # the label id of each channel, `keys[0] == 0`
+                stride:int=8 # grid stride (1 when the maps are already on the grid)
+               ) -> np.ndarray: # `[h, w]` uint8: la's fg label, 0 where ha is bg, 255 elsewhere and outside the image
+    "AffinityNet's grid labels from two CRF score stacks, as the released `VOC12AffDataset`: block means, arg-max, combine."
+    keys = np.asarray(keys)
+    if la.shape != ha.shape or len(keys) != la.shape[0] or keys[0] != 0:
+        raise SeamError(f"la {la.shape} and ha {ha.shape} need the same channels, one per key, background first (keys {keys.tolist()})")
+    la_g, ha_g = block_mean(la, stride), block_mean(ha, stride)
+    no_score = np.maximum(la_g.max(0), ha_g.max(0)) < 1e-5
+    la_i = la_g.argmax(0)
+    out = np.where(la_i == 0, IGNORE_INDEX, keys[la_i]).astype(np.uint8)
+    out[ha_g.argmax(0) == 0] = 0
+    out[no_score] = IGNORE_INDEX
+    return out
+
+# %% ../nbs/13_affinity.ipynb #13a2de6b
+def one_hot_scores(label:np.ndarray, # `[H, W]` label map, 255 = no score (padding / ignore)
+                   keys # label ids, one channel each (background 0 first)
+                  ) -> np.ndarray: # `[len(keys), H, W]` float32, all zero where the label is 255 or not a key
+    "A label map as one-hot score maps, so `grid_labels` turns it into a per-block majority vote."
+    lab = np.asarray(label)
+    return (lab[None] == np.asarray(keys).reshape(-1, 1, 1)).astype(np.float32)
+
+def label_keys(*labels) -> list:
+    "Background, then every label id (< 255) found in the maps, sorted."
+    return [0] + sorted({int(v) for m in labels for v in np.unique(m) if 0 < v < IGNORE_INDEX})
+
 def affinity_label_map(la:np.ndarray, # `[H, W]` CRF labels with the strong background (α = 4): confident foreground
                        ha:np.ndarray, # `[H, W]` CRF labels with the weak background (α = 24): confident background
                        stride:int=8 # grid stride (1 when the maps are already on the grid)
                       ) -> np.ndarray: # `[h, w]` uint8: fg class where la is fg, 0 where ha is bg, else 255
-    "AffinityNet's label map on the feature grid: la's foreground, ha's background, everything else ignored (255)."
+    "AffinityNet's grid labels from two hard label maps: `grid_labels` on one-hot scores (a majority vote per block)."
     la, ha = np.asarray(la), np.asarray(ha)
-    if la.shape != ha.shape: raise SeamError(f"the two CRF label maps differ in size: {la.shape} vs {ha.shape}")
-    la_g, ha_g = pool_labels(la, stride), pool_labels(ha, stride)
-    out = np.where((la_g > 0) & (la_g < IGNORE_INDEX), la_g, IGNORE_INDEX).astype(np.uint8)
-    out[ha_g == 0] = 0
-    return out
+    if la.ndim != 2 or la.shape != ha.shape: raise SeamError(f"the two CRF label maps must be 2-D and equal in size: {la.shape} vs {ha.shape}")
+    keys = label_keys(la, ha)
+    return grid_labels(one_hot_scores(la, keys), one_hot_scores(ha, keys), keys, stride)
 
 # %% ../nbs/13_affinity.ipynb #c52342d5
 def affinity_labels(label:np.ndarray, # `[h, w]` grid labels (0 bg, k fg, 255 ignore), e.g. from `affinity_label_map`

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 import numpy as np
-from .core import SeamError, console, save_label_png, load_cam_npz, check_dir, check_files, parse_numbers
+from .core import SeamError, console, save_label_png, save_cam_npz, load_cam_npz, check_dir, check_files, parse_numbers
 from .cam import bg_power
 from .engine import build_source
 from .infer import source_options
 
 # %% auto #0
-__all__ = ['dense_crf', 'crf_with_alpha', 'crf_label', 'crf_stage', 'main']
+__all__ = ['dense_crf', 'crf_with_alpha', 'crf_label', 'scores_to_label', 'crf_stage', 'main']
 
 # %% ../nbs/12_crf.ipynb #b807ef9f
 def _check_image(img) -> np.ndarray:
@@ -77,47 +77,56 @@ def crf_label(img:np.ndarray, # `[H, W, 3]` uint8 RGB image
               **crf_kwargs # passed on to `dense_crf`
              ) -> np.ndarray: # `[H, W]` uint8 label map (0 = background)
     "Label map after the CRF: per pixel, the label id with the largest refined score."
-    q = crf_with_alpha(img, cams, alpha, **crf_kwargs)
-    keys = np.array(list(q), dtype=np.uint8)
-    return keys[np.stack(list(q.values())).argmax(0)]
+    return scores_to_label(crf_with_alpha(img, cams, alpha, **crf_kwargs))
 
-# %% ../nbs/12_crf.ipynb #d5087610
+def scores_to_label(scores:dict # {label id: `[H, W]` score}, e.g. `crf_with_alpha`'s output
+                   ) -> np.ndarray: # `[H, W]` uint8: the arg-max label id (ties to the first key)
+    "Per pixel, the label id with the largest score."
+    keys = np.array(list(scores), dtype=np.uint8)
+    return keys[np.stack(list(scores.values())).argmax(0)]
+
+# %% ../nbs/12_crf.ipynb #c44803f2
 def crf_stage(source, # a `Source`: the images the maps belong to
               cam_dir, # folder of `<name>.npz` maps (SEAM: the inference folder's `pcm/`)
-              out_dir, # where `label_crf_<α>/<name>.png` go (usually the inference folder)
-              alphas=(4, 24), # background exponents, one label folder each
+              out_dir, # where `crf_<α>/<name>.npz` and `label_crf_<α>/<name>.png` go (usually the inference folder)
+              alphas=(4, 24), # background exponents, one score and one label folder each
+              scores:bool=True, # also write the CRF score maps (AffinityNet's default labels need them)
               rank:int=None, world_size:int=None, # this process's share (default: $RANK, $WORLD_SIZE)
               progress:bool=True
              ) -> dict: # counts: written, skipped, total (this process)
-    "Dense-CRF label maps at each background exponent α for every image of `source`; resumable and shardable."
+    "Dense-CRF scores and label maps at each background exponent α for every image of `source`; resumable and shardable."
     from tqdm.auto import tqdm
     rank = int(os.environ.get('RANK', 0)) if rank is None else rank
     world_size = int(os.environ.get('WORLD_SIZE', 1)) if world_size is None else world_size
     if not 0 <= rank < world_size: raise SeamError(f"rank {rank} is outside 0..{world_size - 1}")
     names = list(source.names)[rank::world_size]
     check_files(cam_dir, names, '.npz', 'CAM')
-    dirs = {a: Path(out_dir)/f'label_crf_{a:g}' for a in alphas}
-    todo = [n for n in names if not all((d/f'{n}.png').is_file() for d in dirs.values())]
+    files = lambda n, a: [Path(out_dir)/f'label_crf_{a:g}'/f'{n}.png'] + ([Path(out_dir)/f'crf_{a:g}'/f'{n}.npz'] if scores else [])
+    todo = [n for n in names if not all(p.is_file() for a in alphas for p in files(n, a))]
     for name in tqdm(todo, desc='dense CRF', disable=not progress, dynamic_ncols=True):
         img, cams = source.image(name), load_cam_npz(Path(cam_dir)/f'{name}.npz')
-        for a, d in dirs.items(): save_label_png(crf_label(img, cams, a), d/f'{name}.png')
+        for a in alphas:
+            q = crf_with_alpha(img, cams, a)
+            if scores: save_cam_npz(files(name, a)[1], q, background=True)
+            save_label_png(scores_to_label(q), files(name, a)[0])
     return {'written': len(todo), 'skipped': len(names) - len(todo), 'total': len(names)}
 
-# %% ../nbs/12_crf.ipynb #058e95d9
+# %% ../nbs/12_crf.ipynb #ab9d43b6
 @console(data=True)
 def main(infer_dir:str=None, # a seam_nb_infer folder: maps from its pcm/ (or --maps), labels written beside them
          maps:str='pcm', # which maps of the folder: pcm (SEAM's refined maps, as the original) or cam
-         alphas:str='4,24', # background exponents of (1 - max fg)^alpha, one label folder each
+         alphas:str='4,24', # background exponents of (1 - max fg)^alpha, one score and one label folder each
+         no_scores:bool=False, # write only the label PNGs (AffinityNet then needs --grid-labels vote)
          rank:int=None, # this shard (default: $RANK or 0)
          world_size:int=None, # number of shards (default: $WORLD_SIZE or 1)
          no_progress:bool=False, # hide the progress bar
          **data # --dataset, --data-root, ... (see `core.DATA_OPTIONS`)
         ):
-    "Dense-CRF labels (label_crf_<alpha>/) for every image of a seam_nb_infer folder; run again to resume."
+    "Dense-CRF scores (crf_<alpha>/) and labels (label_crf_<alpha>/) for every image of a seam_nb_infer folder; run again to resume."
     d = check_dir(infer_dir, 'inference output (--infer_dir)')
     if maps not in ('pcm', 'cam'): raise SeamError(f"--maps must be pcm or cam, got '{maps}'")
     src = build_source(**source_options(d, **data))
-    res = crf_stage(src, d/maps, d, parse_numbers(alphas, '--alphas'), rank, world_size, progress=not no_progress)
-    print(f"{res['written']} images labelled, {res['skipped']} already done -> {d}/label_crf_*")
+    res = crf_stage(src, d/maps, d, parse_numbers(alphas, '--alphas'), not no_scores, rank, world_size, progress=not no_progress)
+    print(f"{res['written']} images done, {res['skipped']} already done -> {d}/{'label_crf_*' if no_scores else 'crf_* and label_crf_*'}")
 
 if __name__ == '__main__' and '__file__' in globals(): main()

@@ -24,13 +24,15 @@ from .infer import infer_cams
 from .evaluate import threshold_curve
 
 # %% auto #0
-__all__ = ['DEMO_METHODS', 'FULL', 'QUICK', 'DEMO_ROWS', 'MARKER', 'DemoBudget', 'start_weights', 'demo_config', 'eval_source',
-           'write_ground_truth', 'clear_stale', 'infer_stage', 'plot_demo_maps', 'Row', 'DemoContext',
-           'consistency_scores', 'cam_row', 'score_rows', 'format_results', 'plot_demo_curves', 'plot_demo_consistency',
-           'check_out_dir', 'plot_demo_losses', 'write_report', 'run_demo']
+__all__ = ['DEMO_METHODS', 'OPTIONAL_METHODS', 'FULL', 'QUICK', 'DEMO_ROWS', 'SSENET_ROW', 'MARKER', 'DemoBudget',
+           'start_weights', 'demo_config', 'eval_source', 'write_ground_truth', 'clear_stale', 'infer_stage',
+           'plot_demo_maps', 'Row', 'DemoContext', 'consistency_scores', 'cam_row', 'score_rows', 'format_results',
+           'plot_demo_curves', 'plot_demo_consistency', 'check_out_dir', 'plot_demo_losses', 'write_report', 'command',
+           'run_demo']
 
 # %% ../nbs/11_demo.ipynb #de21ea30
-DEMO_METHODS = ('baseline', 'seam')
+DEMO_METHODS = ('baseline', 'seam')            # always trained
+OPTIONAL_METHODS = ('ssenet',)                  # trained when the budget asks (`DemoBudget.ssenet`)
 
 @dataclass(frozen=True)
 class DemoBudget:
@@ -56,6 +58,12 @@ class DemoBudget:
     aff_zoom:float = 2.0                       # AffinityNet sees the images this much larger (finer stride-8 grid)
     aff_crop:int = 160                         # its crop side in the enlarged images
     seg_steps:int = 1500                       # SegNet updates on the random-walk labels
+    ssenet:bool = False                        # also train SSENet (cls + scale ER, no PCM) for an 'SSENet CAM' row
+
+    @property
+    def methods(self) -> tuple:
+        "The networks this budget trains, in table order."
+        return DEMO_METHODS + (('ssenet',) if self.ssenet else ())
 
 FULL = DemoBudget()
 QUICK = DemoBudget(image_size=64, n_train=16, crop=56, resize_long=(48, 80), batch_size=4, steps=3, n_eval=6,
@@ -77,14 +85,15 @@ def start_weights(weights=None # None: the shipped pretext file (scratch, with a
     return str(weights)
 
 # %% ../nbs/11_demo.ipynb #52de98d8
-def demo_config(method:str, # 'baseline' or 'seam'
+def demo_config(method:str, # 'baseline', 'seam' or 'ssenet'
                 budget:DemoBudget=FULL, # sizes and budgets
                 seed:int=0, # training seed: head init, data order, augmentation, dropout
                 out='demo_out', # the demo folder; the run goes to `out/train/<method>`
                 weights=None, # starting weights (default: the shipped pretext backbone); 'scratch' for none
                 progress:bool=True, device:str='cpu') -> TrainConfig:
-    "The `TrainConfig` of one demo run; the two methods get identical budgets."
-    if method not in DEMO_METHODS: raise SeamError(f"the demo trains {' and '.join(DEMO_METHODS)}, not '{method}'")
+    "The `TrainConfig` of one demo run; every method gets the same budget."
+    if method not in DEMO_METHODS + OPTIONAL_METHODS:
+        raise SeamError(f"the demo trains {', '.join(DEMO_METHODS + OPTIONAL_METHODS)}, not '{method}'")
     weights, b = start_weights(weights), budget
     return make_config('shapes_cpu', dataset='shapes', n_images=b.n_train, image_size=b.image_size, crop=b.crop,
                        resize_long=tuple(b.resize_long), backbone='tiny', weights=str(weights) if weights else None,
@@ -195,7 +204,7 @@ def consistency_scores(model:SEAMNet, # a network in eval mode
     model.eval()
     return consistency_curve(lambda z: model(z)[i] * y, x, tuple(scales))
 
-def cam_row(method:str, # network: 'baseline' or 'seam'
+def cam_row(method:str, # network: 'baseline', 'seam' or 'ssenet'
             kind:str='cam' # maps: 'cam' or 'pcm'
            ):
     "Score function: threshold sweep of `method`'s `kind` maps (best α tuned on ground truth, fixed α = 0.26) and consistency."
@@ -210,6 +219,7 @@ def cam_row(method:str, # network: 'baseline' or 'seam'
 DEMO_ROWS = [Row('baseline_cam', 'baseline CAM', cam_row('baseline', 'cam')),
              Row('seam_cam', 'SEAM CAM', cam_row('seam', 'cam')),
              Row('seam_pcm', 'SEAM PCM', cam_row('seam', 'pcm'))]
+SSENET_ROW = Row('ssenet_cam', 'SSENet CAM', cam_row('ssenet', 'cam'))   # with `DemoBudget(ssenet=True)`
 
 # %% ../nbs/11_demo.ipynb #27a96cca
 def score_rows(ctx:DemoContext, rows:list=None) -> tuple:
@@ -272,12 +282,12 @@ def check_out_dir(out, # the folder asked for
         with atomic_write(out/MARKER, 'w') as f: f.write('written by seam_nb_demo; the outputs here may be replaced on a rerun\n')
     return out
 
-# %% ../nbs/11_demo.ipynb #f18ce595
-def plot_demo_losses(out):
-    "Figure: the training losses of both runs (smoothed)."
+# %% ../nbs/11_demo.ipynb #741d86c7
+def plot_demo_losses(out, methods=DEMO_METHODS):
+    "Figure: the training losses of the runs (smoothed)."
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 3.2)); axs = fig.subplots(1, len(DEMO_METHODS))
-    for ax, m in zip(axs, DEMO_METHODS):
+    fig = Figure(figsize=(5.5 * len(methods), 3.2)); axs = fig.subplots(1, len(methods))
+    for ax, m in zip(axs, methods):
         csv_path = Path(out)/'train'/m/'losses.csv'
         n = sum(1 for _ in open(csv_path)) - 1
         plot_losses(csv_path, smooth=max(1, min(25, n // 10)), ax=ax); ax.set_title(f'{m}: training losses', fontsize=9)
@@ -292,7 +302,7 @@ def write_report(out, # the demo folder
     "Write `out/report.md`: settings, the table, how to read it, the figures."
     b = run['budget']
     lines = [f"# seam_nb demo: SEAM vs. a plain CAM on Shapes (seed {run['seed']}{', QUICK smoke test' if run['quick'] else ''})", '',
-             f"Both networks start from `{run['weights']}` and train for {b['steps']} steps of batch {b['batch_size']} "
+             f"All networks start from `{run['weights']}` and train for {b['steps']} steps of batch {b['batch_size']} "
              f"on {b['n_train']} Shapes images of {b['image_size']} px (same data order; SEAM's siamese transform: "
              f"Rescale({b['rescale']})). Scores on {b['n_eval']} held-out images (Shapes '{b['eval_split']}' split), multi-scale "
              f"{tuple(b['scales'])} + flip inference. Wall time {run['seconds']['total']:.0f} s.", '',
@@ -306,6 +316,14 @@ def write_report(out, # the demo folder
     with atomic_write(Path(out)/'report.md', 'w') as f: f.write('\n'.join(lines))
     return Path(out)/'report.md'
 
+# %% ../nbs/11_demo.ipynb #29f4144e
+def command(seed:int, quick:bool, budget:DemoBudget, out=None) -> str:
+    "The `seam_nb_demo` command line that reproduces a run (recorded in run.json and in the slim checkpoints)."
+    parts = ['seam_nb_demo', f'--seed {seed}'] + ([f'--out {out}'] if out is not None else []) + (['--quick'] if quick else [])
+    if not quick:
+        parts += ([f'--steps {budget.steps}'] if budget.steps != FULL.steps else []) + (['--refine'] if budget.refine else [])
+    return ' '.join(parts + (['--ssenet'] if budget.ssenet else []))
+
 # %% ../nbs/11_demo.ipynb #ca63cd04
 def run_demo(out='demo_out', # output folder (reused on a rerun)
              seed:int=0, # training seed of both runs
@@ -316,47 +334,47 @@ def run_demo(out='demo_out', # output folder (reused on a rerun)
              device:str='cpu', progress:bool=True, verbose:bool=True,
              extend=None # `extend(ctx, say) -> {'rows': [...], 'figures': {title: (file, Figure)}, 'seconds': {...}}`
             ) -> dict: # results.json's content
-    "Train baseline and SEAM with equal budgets, infer, evaluate on held-out Shapes, write figures, results.json and report.md."
+    "Train baseline and SEAM (and SSENet) with equal budgets, infer, evaluate on held-out Shapes, write figures, results.json and report.md."
     t0 = time.perf_counter(); secs = {}
     budget = budget or (QUICK if quick else FULL)
     out = check_out_dir(out)
     say = print if verbose else (lambda *a, **k: None)
     ckpts = {}
-    for m in DEMO_METHODS:                                   # 1. training, same start and budget
+    methods = budget.methods
+    for m in methods:                                        # 1. training, same start and budget
         t = time.perf_counter(); say(f"[demo] training {m} ({budget.steps} steps)", flush=True)
         cfg = demo_config(m, budget, seed, out, weights, progress, device)
         ckpts[m] = slim_checkpoint(run_stage(cfg, train), out/'checkpoints'/f'shapes_{m}.pth', root=out,
-                                   demo={'seed': seed, 'quick': quick, 'command': f"seam_nb_demo --seed {seed}{' --quick' if quick else ''}"})
+                                   demo={'seed': seed, 'quick': quick, 'command': command(seed, quick, budget)})
         secs[f'train_{m}'] = time.perf_counter() - t
     t = time.perf_counter(); say(f"[demo] inference on {budget.n_eval} held-out images", flush=True)
     src = eval_source(budget)                                # 2. seeds on held-out images
     names = write_ground_truth(src, out/'gt')
-    models = {m: infer_stage(ckpts[m], src, out/'infer'/m, budget, device=device, progress=progress) for m in DEMO_METHODS}
+    models = {m: infer_stage(ckpts[m], src, out/'infer'/m, budget, device=device, progress=progress) for m in methods}
     secs['infer'] = time.perf_counter() - t
-    ctx = DemoContext(src, names, out/'gt', {m: out/'infer'/m for m in DEMO_METHODS}, models, budget, out, ckpts=ckpts,
+    ctx = DemoContext(src, names, out/'gt', {m: out/'infer'/m for m in methods}, models, budget, out, ckpts=ckpts,
                       seed=seed, weights=weights, device=device, progress=progress)
     ext = extend(ctx, say) if extend is not None else {}     # 3. later stages (Part III), if any
     secs.update(ext.get('seconds', {}))
-    if rows is None: rows = DEMO_ROWS + list(ext.get('rows', []))
+    if rows is None: rows = DEMO_ROWS + ([SSENET_ROW] if budget.ssenet else []) + list(ext.get('rows', []))
     t = time.perf_counter(); say("[demo] scoring", flush=True)
     results, extras = score_rows(ctx, rows)                  # 4. the table
     save_json(results, out/'results.json')
     secs['score'] = time.perf_counter() - t
     t = time.perf_counter()                                  # 5. figures and report
-    panels = {'baseline CAM': out/'infer'/'baseline'/'cam', 'SEAM CAM': out/'infer'/'seam'/'cam', 'SEAM PCM': out/'infer'/'seam'/'pcm'}
-    figs = {'maps: image / baseline CAM / SEAM CAM / SEAM PCM / ground truth': ('maps.png', plot_demo_maps(src, names[:6], panels)),
+    panels = {'baseline CAM': out/'infer'/'baseline'/'cam', **({'SSENet CAM': out/'infer'/'ssenet'/'cam'} if budget.ssenet else {}),
+              'SEAM CAM': out/'infer'/'seam'/'cam', 'SEAM PCM': out/'infer'/'seam'/'pcm'}
+    figs = {f"maps: image / {' / '.join(panels)} / ground truth": ('maps.png', plot_demo_maps(src, names[:6], panels)),
             'mIoU vs background threshold (stars: tuned on ground truth)': ('threshold_curves.png', plot_demo_curves(results, extras)),
             'consistency vs scale': ('consistency.png', plot_demo_consistency(results, extras, budget.consistency_scales)),
-            'training losses': ('losses.png', plot_demo_losses(out)), **ext.get('figures', {})}
+            'training losses': ('losses.png', plot_demo_losses(out, methods)), **ext.get('figures', {})}
     for name, fig in figs.values(): save_figure(fig, out/'figures'/name)
     secs['report'] = time.perf_counter() - t
     secs['total'] = time.perf_counter() - t0
     start = demo_config('seam', budget, seed, out, weights).weights
     run = {'seed': seed, 'quick': quick, 'weights': portable_path(start, out) if start else 'scratch',
            'budget': json.loads(json.dumps(asdict(budget))), 'device': device, 'threads': torch.get_num_threads(),
-           'seconds': secs, 'command': ' '.join(['seam_nb_demo', f'--seed {seed}', f'--out {out}'] + (['--quick'] if quick else [])
-                                  + ([f'--steps {budget.steps}'] if not quick and budget.steps != FULL.steps else [])
-                                  + (['--refine'] if budget.refine and not quick else []))}
+           'seconds': secs, 'command': command(seed, quick, budget, out)}
     save_json(run, out/'run.json')
     write_report(out, results, run, {title: name for title, (name, _) in figs.items()})
     say(format_results(results)); say(f"[demo] {secs['total']:.0f} s; report: {out/'report.md'}")

@@ -40,21 +40,22 @@ class Transform:
 
 # %% ../nbs/03_equivariance.ipynb #01738fe1
 class Rescale(Transform):
-    "Bilinear rescaling by `factor` (align_corners=True, output side floor(side * factor)), as SEAM's training script."
-    def __init__(self, factor:float): # > 0; 0.3 in SEAM
+    "Bilinear rescaling by `factor` (output side floor(side * factor)); `align_corners=True` as SEAM's training script, False as SSENet's."
+    def __init__(self, factor:float, # > 0; 0.3 in SEAM and SSENet
+                 align_corners:bool=True): # SEAM: True; SSENet (PyTorch's default): False
         if not factor > 0: raise ValueError(f"Rescale factor must be positive, got {factor}")
-        self.factor = float(factor)
+        self.factor, self.align_corners = float(factor), bool(align_corners)
     def _apply(self, x):
         if self.factor == 1: return x
         if min(self.output_size(*x.shape[-2:])) < 1:
             raise ValueError(f"{self!r} of a {x.shape[-2]}x{x.shape[-1]} map would be empty")
-        return F.interpolate(x, scale_factor=self.factor, mode='bilinear', align_corners=True)
+        return F.interpolate(x, scale_factor=self.factor, mode='bilinear', align_corners=self.align_corners)
     def output_size(self, h:int, w:int) -> tuple: return (int(math.floor(h * self.factor)), int(math.floor(w * self.factor)))
     def inverse(self, y, size:tuple=None): # size: the original (H, W); default round(side / factor)
         y4, back = _as4d(y)
         size = tuple(size) if size is not None else (round(y4.shape[-2] / self.factor), round(y4.shape[-1] / self.factor))
-        return back(F.interpolate(y4, size, mode='bilinear', align_corners=True))
-    def __repr__(self): return f"Rescale({self.factor:g})"
+        return back(F.interpolate(y4, size, mode='bilinear', align_corners=self.align_corners))
+    def __repr__(self): return f"Rescale({self.factor:g}{'' if self.align_corners else ', align_corners=False'})"
 
 # %% ../nbs/03_equivariance.ipynb #69edf177
 class HFlip(Transform):

@@ -10,7 +10,9 @@ from typing import NamedTuple
 import numpy as np
 from fastcore.script import Param
 from .core import (VOC_CLASSES, IGNORE_INDEX, SeamError, console, save_json, save_label_png, save_cam_npz, load_cam_npz,
-                          load_mask, check_files, read_id_list, box_blur)
+                          load_mask, check_files)
+from .sources import read_id_list
+from .shapes import box_blur
 from .viz import save_figure, plot_threshold_curves
 from .cam import cam_dict_to_label, power_threshold, max_and_class
 

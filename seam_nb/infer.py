@@ -45,7 +45,8 @@ def multiscale_cam(model:nn.Module, # a SEAMNet in eval mode
         views = views.to(device)
         chunks = [views] if batched else [views[i:i + 1] for i in range(len(views))]
         outs = [torch.cat(_lowres(model, v), 1) for v in chunks]           # [n, 2C, h, w]: CAM and PCM channels
-        maps = F.interpolate(torch.cat(outs).float(), (H, W), mode='bilinear', align_corners=True)
+        maps = F.interpolate(torch.cat(outs).float(), views.shape[-2:], mode='bilinear', align_corners=True)  # the view's size
+        maps = F.interpolate(maps, (H, W), mode='bilinear', align_corners=False)                          # then the image's
         if flip: maps[1] = maps[1].flip(-1)
         total = maps.sum(0) if total is None else total + maps.sum(0)
     C = total.shape[0] // 2
@@ -182,7 +183,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     if pcm_chunk not in (None, 'auto'):
         if not str(pcm_chunk).isdigit() or int(pcm_chunk) < 1: raise SeamError(f"--pcm_chunk must be 'auto' or a positive integer, got '{pcm_chunk}'")
         pcm_chunk = int(pcm_chunk)
-    model = load_network(ck, SEAMNet, backbone=backbone, pcm_chunk=pcm_chunk)
+    model = load_network(ck, SEAMNet, backbone=backbone, source=str(ckpt), pcm_chunk=pcm_chunk)
     if model.num_classes != src.num_classes:
         raise SeamError(f"{ckpt} predicts {model.num_classes} labels but the {dataset} data have {src.num_classes}")
     if int(os.environ.get('RANK', rank or 0)) == 0:
@@ -198,7 +199,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
 
 if __name__ == '__main__' and '__file__' in globals(): main()
 
-# %% ../nbs/09_infer.ipynb #843d3afb
+# %% ../nbs/09_infer.ipynb #26f7485f
 SOURCE_OPTIONS = ('dataset', 'data_root', 'csv', 'split', 'sbd_list', 'n_images', 'image_size')
 
 def source_options(infer_dir, # a `seam_nb_infer` output folder, or None

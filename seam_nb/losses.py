@@ -11,7 +11,7 @@ from .equivariance import Transform, Rescale
 
 # %% auto #0
 __all__ = ['DEFAULT_TRANSFORM', 'OBJECTIVES', 'label_mask', 'cls_loss', 'er_loss', 'max_onehot', 'with_bg', 'top_fraction_mean',
-           'ecr_loss', 'min_pool_loss', 'scale_er_loss', 'objective', 'plot_loss_terms']
+           'ecr_loss', 'min_pool_loss', 'relu_max_norm', 'scale_er_loss', 'objective', 'plot_loss_terms']
 
 # %% ../nbs/05_losses.ipynb #5d48cd0f
 DEFAULT_TRANSFORM = Rescale(0.3)   # the original's siamese branch: the image downscaled by 0.3
@@ -123,20 +123,28 @@ def min_pool_loss(pcm_out:torch.Tensor, # `[N, K+1, H, W]` PCM output (raw, not 
     return F.relu(smallest).sum() / (k * n)
 
 # %% ../nbs/05_losses.ipynb #8fd220e6
+def relu_max_norm(p:torch.Tensor # `[N, C, H, W]` maps
+                 ) -> torch.Tensor:
+    "SSENet's normalisation: `relu(p − 1e-5) / (max relu(p) + 1e-5)` per image and channel (no minimum subtracted)."
+    top = F.relu(p).flatten(-2).max(-1)[0][..., None, None] + 1e-5
+    return F.relu(p - 1e-5) / top
+
 def scale_er_loss(cam_x:torch.Tensor, # `[N, K+1, H, W]` raw CAM of x
                   cam_tx:torch.Tensor, # `[N, K+1, h, w]` raw CAM of t(x)
                   labels:torch.Tensor, # `[N, K]`
-                  t:Transform=None # default `Rescale(0.3)`
+                  t:Transform=None, # default `Rescale(0.3)`; SSENet's is `Rescale(0.3, align_corners=False)`
+                  variant:str='ssenet' # 'ssenet': rescale the raw CAM, then `relu_max_norm` (released); 'minmax': `max_norm`, then rescale
                  ) -> torch.Tensor:
-    "SSENet scale ER: MSE between t(max_norm(cam_x))·y and max_norm(cam_tx)·y on fg channels."
+    "SSENet's scale ER (`train_cls_ser.py`): MSE between norm(t(cam_x))·y and norm(cam_tx)·y on the fg channels."
+    if variant not in ('ssenet', 'minmax'): raise ValueError(f"variant must be 'ssenet' or 'minmax', got {variant!r}")
     t = DEFAULT_TRANSFORM if t is None else t
     _check(cam_x, labels, 'cam_x'); _check(cam_tx, labels, 'cam_tx')
     y = label_mask(labels)
-    a = _in_t_frame(t, max_norm(cam_x), cam_tx, 'scale_er_loss') * y
-    b = max_norm(cam_tx) * y
+    if variant == 'ssenet': a, b = relu_max_norm(_in_t_frame(t, cam_x, cam_tx, 'scale_er_loss')), relu_max_norm(cam_tx)
+    else: a, b = _in_t_frame(t, max_norm(cam_x), cam_tx, 'scale_er_loss'), max_norm(cam_tx)
     m = _valid(t, cam_x)
     if m is not None: a, b = a * m, b * m
-    return ((a[:, 1:] - b[:, 1:]) ** 2).mean()
+    return (((a - b) * y)[:, 1:] ** 2).mean()
 
 # %% ../nbs/05_losses.ipynb #1ffe7def
 OBJECTIVES = ('seam', 'baseline', 'ssenet')

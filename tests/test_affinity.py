@@ -1,24 +1,26 @@
-"Tests of seam_nb.affinity that notebook cells cannot hold: the reference state dict, author-style files, the CLI, VOC-sized walks."
+"""Tests of seam_nb.affinity and seam_nb.affinity_train that notebook cells cannot hold: the reference state dict,
+author-style files, presets and config checks, the seam_nb_affinity (training) command.
+The random walk and seam_nb_rw (formerly `seam_nb_affinity infer`) are in test_random_walk.py."""
 import os, sys, subprocess
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 
-from seam_nb.core import SeamError, save_label_png, torch_save_atomic
-from seam_nb.backbone import load_weights, read_keys_tsv, state_dict_keys
-from seam_nb.data import ShapesSource
-from seam_nb.evaluate import save_cam_npz, read_label_png
+from seam_nb.core import SeamError, torch_save_atomic
+from seam_nb.backbones import read_keys_tsv, state_dict_keys
+from seam_nb.weights import load_weights, load_init_weights
 from seam_nb import affinity as A
+from seam_nb import affinity_train as AT
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-SHARED = Path(__file__).resolve().parents[1].parent/'shared'
+FIXTURES = Path(__file__).resolve().parent/'fixtures'
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 HEAD = ['f8_3.weight', 'f8_4.weight', 'f8_5.weight', 'f9.weight']
 
 
 def cli(*args, timeout=240):
-    return subprocess.run([sys.executable, '-m', 'seam_nb.affinity', *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run(['seam_nb_affinity', *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def one_line_error(err:str) -> bool:
@@ -30,28 +32,8 @@ def aff38():
     return A.AffinityNet('resnet38')
 
 
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    """A seam_nb_infer-like folder for eight Shapes images (stand-in CAMs in pcm/, their CRF labels in label_crf_4/ and
-    label_crf_24/) and a 2-step tiny AffinityNet run trained from it."""
-    root = tmp_path_factory.mktemp('shapes')
-    src = ShapesSource(8, 128, seed=0)
-    for n in src.names: save_cam_npz(root/'infer'/'pcm'/f'{n}.npz', A.synthetic_cams(src.mask(n)))
-    ds = A.AffinityDataset(src, cam_dir=root/'infer'/'pcm', crop=64)       # CRF labels computed on the fly ...
-    for n in src.names:
-        la, ha = ds.crf_maps(n)                                              # ... and stored as seam_nb_infer would
-        save_label_png(la, root/'infer'/'label_crf_4'/f'{n}.png'); save_label_png(ha, root/'infer'/'label_crf_24'/f'{n}.png')
-    cam_dir, la_dir, ha_dir = A._resolve_dirs(root/'infer', None, None, None)
-    cfg = A.make_aff_config('shapes_cpu', la_dir=la_dir, ha_dir=ha_dir, n_images=8, out=str(root/'run'), steps=2,
-                            batch_size=2, crop=64, progress=False, device='cpu')
-    A.train_affinity(cfg)
-    return root, src
-
-
 def test_state_dict_equals_reference_line_by_line(aff38):
-    p = SHARED/'reference/resnet38_aff.keys.tsv'
-    if not p.exists(): pytest.skip('reference listing not available')
-    ref, ours = read_keys_tsv(p), state_dict_keys(aff38)
+    ref, ours = read_keys_tsv(FIXTURES/'resnet38_aff.keys.tsv'), state_dict_keys(aff38)
     assert len(ours) == len(ref) == 232
     for a, b in zip(ours, ref): assert a == b                       # name, shape, dtype, in order
     assert [k for k, *_ in ours[-4:]] == HEAD
@@ -87,140 +69,119 @@ def test_tiny_channels_follow_backbone():
 
 
 def test_init_from_seam_checkpoint_takes_backbone_only(tmp_path):
+    "weights.load_init_weights (which replaced affinity.load_init_weights): a SEAM checkpoint gives the backbone only."
     from seam_nb.model import SEAMNet
     seam = SEAMNet('tiny', num_classes=7)
     torch_save_atomic({'model': seam.state_dict(), 'step': 3}, tmp_path/'seam.pt')
     aff = A.AffinityNet('tiny')
-    rep = A.load_init_weights(aff, tmp_path/'seam.pt')
+    rep = load_init_weights(aff, tmp_path/'seam.pt')
     assert torch.equal(aff.conv1a.weight, seam.conv1a.weight) and torch.equal(aff.b5.conv_branch2b2.weight, seam.b5.conv_branch2b2.weight)
     assert sorted(rep.missing) == HEAD                               # heads stay at their initialisation
+    # an AffinityNet checkpoint initialises the whole network, heads included
+    torch_save_atomic({'model': aff.state_dict()}, tmp_path/'aff.pt')
+    twin = A.AffinityNet('tiny')
+    rep = load_init_weights(twin, tmp_path/'aff.pt')
+    assert not rep.missing and torch.equal(twin.f9.weight, aff.f9.weight)
 
 
-def test_random_walk_dense_equals_iterated_on_a_voc_sized_grid():
-    h, w = 30, 24                                                   # a 240x192 image; n = 720
-    g = torch.Generator().manual_seed(1)
-    feat = torch.nn.functional.avg_pool2d(torch.randn(1, 16, h + 4, w + 4, generator=g), 5, 1)
-    aff = A.pair_affinity(feat)
-    cams = torch.rand(5, h, w, generator=g)
-    ref = A.random_walk(cams, A.dense_affinity(aff, h, w), method='dense')
-    for m, mat in (('iterate', A.sparse_affinity(aff, h, w)), ('iterate', A.dense_affinity(aff, h, w)), ('auto', A.sparse_affinity(aff, h, w))):
-        out = A.random_walk(cams, mat, method=m)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
-        assert torch.equal(out.argmax(0), ref.argmax(0))
-    with pytest.raises(SeamError, match='unknown random-walk method'): A.random_walk(cams, A.sparse_affinity(aff, h, w), method='fast')
+def test_synthetic_cams():
+    "Stand-in CAMs (numpy box blur now): one map per present class, in [0, 1], peaking inside its object."
+    mask = np.zeros((64, 80), np.uint8); mask[10:30, 10:40] = 3; mask[40:60, 50:75] = 7; mask[0, 0] = 255
+    cams = A.synthetic_cams(mask)
+    assert sorted(cams) == [3, 7]
+    for k, c in cams.items():
+        assert c.dtype == np.float32 and c.shape == mask.shape and c.min() >= 0 and c.max() == pytest.approx(1)
+        assert c[mask == k].mean() > 4 * c[mask != k].mean()
+    shifted = A.synthetic_cams(mask, shift=0.1)
+    assert np.unravel_index(shifted[3].argmax(), mask.shape) != np.unravel_index(cams[3].argmax(), mask.shape)
+    assert A.synthetic_cams(np.zeros((8, 8), np.uint8)) == {}
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='peak memory is read from /proc')
-def test_measure_random_walk_small_grid():
-    res = A.measure_random_walk(16, 20, C=5)
-    assert list(res) == ['dense/dense', 'iterate/dense', 'iterate/sparse']
-    assert all(v['max_rel_diff'] < 1e-3 and v['seconds'] >= 0 for v in res.values())
-    assert res['dense/dense']['max_abs_diff'] == 0
-
-
-def test_rw_label_on_a_voc_sample_image(tmp_path):
-    "Full-size VOC image (not a multiple of 8), tiny network: padding, pooling, walk, crop back."
-    voc = SHARED/'voc_sample'
-    if not voc.is_dir(): pytest.skip('shared/voc_sample not present')
-    from seam_nb.data import load_image
-    from seam_nb.evaluate import read_label_png
-    names = sorted(p.stem for p in (voc/'SegmentationClass').glob('*.png'))
-    if not names: pytest.skip('no segmentation masks in voc_sample')
-    img, gt = load_image(voc/'JPEGImages'/f'{names[0]}.jpg'), read_label_png(voc/'SegmentationClass'/f'{names[0]}.png')
-    cams = A.synthetic_cams(gt)
-    model = A.AffinityNet('tiny').eval()
-    lab, scores = A.rw_label(model, img, cams, return_scores=True)
-    assert lab.shape == gt.shape and scores.shape == (len(cams) + 1, *gt.shape)
-    assert set(np.unique(lab)) <= {0, *cams}
-    # with a huge beta every affinity below 1 vanishes, T is the identity and only pooling + upsampling remain:
-    # the labels must then line up with the CAM's own labels (a shifted crop or padding would break this)
-    still = A.rw_label(model, img, cams, beta=1e6, logt=0)
-    scores, keys = A.cam_stack(cams, gt.shape)
-    direct = np.asarray(keys, np.uint8)[scores.argmax(0)]
-    assert (still == direct).mean() > 0.99                     # (0.9985 here; shifting by 8 px gives 0.970)
+def test_presets_and_config_checks():
+    "AFF_PRESETS: voc_resnet38 is SEAM's recipe (lr 0.01, also AffinityConfig's default), voc_resnet38_psa PSA's (lr 0.1)."
+    assert set(AT.AFF_PRESETS) == {'voc_resnet38', 'voc_resnet38_psa', 'shapes_cpu'}
+    assert AT.AffinityConfig().lr == 0.01
+    assert AT.make_aff_config('voc_resnet38').lr == 0.01 and AT.make_aff_config('voc_resnet38_psa').lr == 0.1
+    with pytest.raises(SeamError, match='unknown preset'): AT.make_aff_config('voc_resnet38_seam')
+    with pytest.raises(SeamError, match=r'unknown \w+ option\(s\) method'): AT.make_aff_config('shapes_cpu', method='seam')
+    cfg = AT.make_aff_config('shapes_cpu')
+    assert cfg.check() is cfg and cfg.backbone == 'tiny'
+    for kw, msg in [(dict(radius=1), 'radius'), (dict(crop=32), 'too small'), (dict(backbone='vgg16'), 'unknown backbone'),
+                    (dict(batch_size=0), 'batch_size'), (dict(amp='fp8'), 'unknown amp')]:
+        with pytest.raises(SeamError, match=msg): AT.make_aff_config('shapes_cpu', **kw).check()
+    assert not hasattr(AT, 'check_aff_config') and not hasattr(A, 'check_aff_config')
 
 
 def test_cli_help():
     r = cli('--help')
-    assert r.returncode == 0 and 'train' in r.stdout and '--infer_dir' in r.stdout and '--logt' in r.stdout
+    assert r.returncode == 0 and '--infer_dir' in r.stdout and '--la_dir' in r.stdout and '--resume' in r.stdout
+    assert '--logt' not in r.stdout                                  # the random walk is seam_nb_rw now
+    assert {'--infer_dir', '--cam_dir', '--preset'} <= set(AT.main.parser()._option_string_actions)
 
 
-def test_cli_train_resume_and_infer(shapes, tmp_path, capsys):
-    root, src = shapes
+def test_cli_train_and_resume(aff_shapes, tmp_path):
+    root, src = aff_shapes
     common = ['--n_images', '8', '--crop', '64', '--batch-size', '2', '--no-progress', '--device', 'cpu']
-    r = cli('train', '--infer-dir', str(root/'infer'), '--steps', '2', '--out', str(tmp_path/'run'), *common)
+    r = cli('--infer-dir', str(root/'infer'), '--steps', '2', '--out', str(tmp_path/'run'), *common)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'checkpoint' in r.stdout and (tmp_path/'run'/'last.pt').exists()
-    A.main('train', infer_dir=str(root/'infer'), steps=3, out=str(tmp_path/'run'), resume=True, n_images=8, crop=64,
-           batch_size=2, no_progress=True, device='cpu')                 # resumed in-process: the same entry point
+    AT.main(infer_dir=str(root/'infer'), steps=3, out=str(tmp_path/'run'), resume=True, n_images=8, crop=64,
+            batch_size=2, no_progress=True, device='cpu')                # resumed in-process: the same entry point
     assert torch.load(tmp_path/'run'/'last.pt', weights_only=True)['step'] == 3
-    A.main('infer', ckpt=str(tmp_path/'run'/'last.pt'), infer_dir=str(root/'infer'), n_images=8, no_progress=True)
-    assert '8 pseudo labels written' in capsys.readouterr().out
-    pngs = sorted((root/'infer'/'label_rw').glob('*.png'))
-    assert [p.stem for p in pngs] == src.names
-    assert read_label_png(pngs[0]).shape == (128, 128)
-    assert not list((root/'infer'/'label_rw').glob('.*.tmp'))
+    # the old positional modes are gone: `seam_nb_affinity train` / `infer` are refused by the parser
+    for mode in ('train', 'infer'):
+        r = cli(mode, '--infer-dir', str(root/'infer'), '--out', str(tmp_path/'x'))
+        assert r.returncode == 2 and 'unrecognized arguments' in r.stderr and not (tmp_path/'x').exists()
 
 
-def _run_main(capsys, *args, **kwargs):
-    with pytest.raises(SystemExit) as e: A.main(*args, **kwargs)
+def _run_main(capsys, **kwargs):
+    with pytest.raises(SystemExit) as e: AT.main(**kwargs)
     return e.value.code, capsys.readouterr().err
 
 
-def test_cli_bad_inputs_one_line(shapes, tmp_path, capsys):
-    root, src = shapes
-    ckpt = root/'run'/'last.pt'
+def test_cli_bad_inputs_one_line(aff_shapes, tmp_path, capsys):
+    root, src = aff_shapes
+    pcm = str(root/'infer'/'pcm')
     cases = [
-        (('fly',), {}, 'unknown mode'),
-        (('train',), dict(out=str(tmp_path/'a')), 'give the CAMs'),
-        (('train',), dict(cam_dir=str(tmp_path/'nope'), out=str(tmp_path/'b')), 'not found'),
-        (('train',), dict(infer_dir=str(tmp_path/'nope'), out=str(tmp_path/'c')), 'not found'),
-        (('train',), dict(cam_dir=str(root/'infer'/'pcm'), n_images=9, out=str(tmp_path/'d')), 'have no CAM file'),
-        (('train',), dict(cam_dir=str(root/'infer'/'pcm'), preset='imagenet'), 'unknown preset'),
-        (('train',), dict(cam_dir=str(root/'infer'/'pcm'), backbone='vgg16', out=str(tmp_path/'e')), 'unknown backbone'),
-        (('train',), dict(la_dir=str(root/'infer'/'pcm'), out=str(tmp_path/'f')), 'both'),
-        (('train',), dict(cam_dir=str(root/'infer'/'pcm'), n_images=8, out=str(root/'run')), 'already holds a run'),
-        (('train',), dict(cam_dir=str(root/'infer'/'pcm'), n_images=8, out=str(root/'run'), resume=True, backbone='resnet38'), "backbone 'tiny'"),
-        (('infer',), dict(cam_dir=str(root/'infer'/'pcm')), 'needs --ckpt'),
-        (('infer',), dict(ckpt=str(ckpt)), 'needs the CAMs'),
-        (('infer',), dict(ckpt=str(tmp_path/'none.pt'), cam_dir=str(root/'infer'/'pcm'), n_images=8), 'not found'),
-        (('infer',), dict(ckpt=str(ckpt), cam_dir=str(tmp_path/'nope'), n_images=8), 'not found'),
-        (('infer',), dict(ckpt=str(ckpt), cam_dir=str(root/'infer'/'pcm'), n_images=0), 'empty'),
-        (('infer',), dict(ckpt=str(ckpt), cam_dir=str(root/'infer'/'pcm'), n_images=8, rw='fast'), 'unknown random-walk method'),
-        (('infer',), dict(ckpt=str(ckpt), cam_dir=str(root/'infer'/'pcm'), n_images=8, backbone='resnet38', out=str(tmp_path/'o')), 'does not fit'),
+        (dict(out=str(tmp_path/'a')), 'give the CAMs'),
+        (dict(cam_dir=str(tmp_path/'nope'), out=str(tmp_path/'b')), 'does not exist'),
+        (dict(infer_dir=str(tmp_path/'nope'), out=str(tmp_path/'c')), 'does not exist'),
+        (dict(cam_dir=pcm, n_images=9, out=str(tmp_path/'d')), '1 of 9 CAM files are missing'),
+        (dict(cam_dir=pcm, preset='imagenet'), 'unknown preset'),
+        (dict(cam_dir=pcm, backbone='vgg16', out=str(tmp_path/'e')), 'unknown backbone'),
+        (dict(la_dir=pcm, out=str(tmp_path/'f')), 'both'),
+        (dict(cam_dir=pcm, n_images=8, out=str(root/'run')), 'already holds a run'),
+        (dict(cam_dir=pcm, n_images=8, out=str(root/'run'), resume=True, backbone='resnet38'), "backbone 'tiny'"),
+        (dict(cam_dir=pcm, n_images=8, resize_long='64', out=str(tmp_path/'g')), '--resize_long'),
     ]
-    from seam_nb.model import SEAMNet
-    torch_save_atomic({'model': SEAMNet('tiny', num_classes=7).state_dict(), 'config': {'backbone': 'tiny'}}, tmp_path/'seam.pt')
-    cases.append((('infer',), dict(ckpt=str(tmp_path/'seam.pt'), cam_dir=str(root/'infer'/'pcm'), n_images=8, out=str(tmp_path/'o')), 'not an AffinityNet'))
-    (tmp_path/'junk.pt').write_bytes(b'not a checkpoint at all')
-    cases.append((('infer',), dict(ckpt=str(tmp_path/'junk.pt'), cam_dir=str(root/'infer'/'pcm'), n_images=8, out=str(tmp_path/'o')), 'not a readable'))
-    for args, kw, expect in cases:
-        code, err = _run_main(capsys, *args, no_progress=True, device='cpu', **kw)
-        assert code == 2 and one_line_error(err) and expect in err, (args, kw, err)
-    assert not (tmp_path/'o').exists() or not list((tmp_path/'o').iterdir())      # nothing half-written
+    for kw, expect in cases:
+        code, err = _run_main(capsys, no_progress=True, device='cpu', **kw)
+        assert code == 2 and one_line_error(err) and expect in err, (kw, err)
+    assert not any((tmp_path/d).exists() and list((tmp_path/d).iterdir()) for d in 'abcdefg')   # nothing half-written
 
 
 def test_cli_empty_folder_dataset(tmp_path, capsys):
     (tmp_path/'imgs').mkdir(); (tmp_path/'cams').mkdir()
     (tmp_path/'labels.csv').write_text('image,labels\n')
-    code, err = _run_main(capsys, 'train', dataset='folder', data_root=str(tmp_path/'imgs'), csv=str(tmp_path/'labels.csv'),
+    code, err = _run_main(capsys, dataset='folder', data_root=str(tmp_path/'imgs'), csv=str(tmp_path/'labels.csv'),
                           cam_dir=str(tmp_path/'cams'), out=str(tmp_path/'o'), no_progress=True)
     assert code == 2 and one_line_error(err), err
 
 
 def test_cli_bad_input_subprocess(tmp_path):
-    r = cli('infer', '--ckpt', str(tmp_path/'missing.pt'), '--cam-dir', str(tmp_path))
+    r = cli('--cam-dir', str(tmp_path/'missing'), '--out', str(tmp_path/'o'))
     assert r.returncode == 2 and one_line_error(r.stderr), r.stderr
 
 
-def test_infer_dir_resolution_and_folder_dataset(shapes):
+def test_infer_dir_resolution_and_folder_dataset(aff_shapes):
     "--infer_dir finds pcm/ and the CRF label folders; the folder dataset serves the same items as the on-the-fly one."
-    root, src = shapes
-    cam_dir, la_dir, ha_dir = A._resolve_dirs(root/'infer', None, None, None)
+    root, src = aff_shapes
+    cam_dir, la_dir, ha_dir = AT.resolve_infer_dir(root/'infer')
     assert (Path(cam_dir).name, Path(la_dir).name, Path(ha_dir).name) == ('pcm', 'label_crf_4', 'label_crf_24')
-    assert A._resolve_dirs(root/'infer', None, 'x', 'y')[1:] == ('x', 'y')
-    a = A.AffinityDataset(src, la_dir=la_dir, ha_dir=ha_dir, crop=64)
-    b = A.AffinityDataset(src, cam_dir=cam_dir, crop=64)
+    assert AT.resolve_infer_dir(root/'infer', None, 'x', 'y')[1:] == ('x', 'y')
+    assert AT.resolve_infer_dir(None, 'c', None, None) == ('c', None, None)
+    a = AT.AffinityDataset(src, la_dir=la_dir, ha_dir=ha_dir, crop=64)
+    b = AT.AffinityDataset(src, cam_dir=cam_dir, crop=64)
     torch.manual_seed(3); xa, la = a[5]
     torch.manual_seed(3); xb, lb = b[5]
     assert torch.equal(xa, xb) and all(torch.equal(u, v) for u, v in zip(la, lb))

@@ -1,4 +1,4 @@
-"""Tests for seam_nb.backbone: architecture fidelity, the MXNet reader, weight loading and its errors."""
+"""Tests for seam_nb.backbones and seam_nb.weights: architecture fidelity, the MXNet reader, weight loading and its errors."""
 import json, re, struct
 from pathlib import Path
 
@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 
 from seam_nb.core import SeamError
-from seam_nb.backbone import (ResNet38, ResNet50Dilated, TinyBackbone, make_backbone, read_mxnet_params, load_weights,
-                              mxnet_resnet38_name, read_keys_tsv, state_dict_keys, stage_geometry)
+from seam_nb.backbones import (ResNet38, ResNet50Dilated, TinyBackbone, make_backbone, read_keys_tsv, state_dict_keys,
+                               stage_geometry)
+from seam_nb.weights import read_mxnet_params, load_weights, mxnet_resnet38_name
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
+FIXTURES = Path(__file__).resolve().parent/'fixtures'
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -64,9 +66,8 @@ def r38():
 
 
 def reference(name):
-    p = SHARED/'reference'/name
-    if not p.exists(): pytest.skip(f'{p} not available')
-    return read_keys_tsv(p)
+    "A key manifest of the original code, shipped with the tests (tests/fixtures), so these tests run in every clone."
+    return read_keys_tsv(FIXTURES/name)
 
 
 # --- architecture -------------------------------------------------------------------------------------------------

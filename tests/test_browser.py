@@ -1,5 +1,5 @@
 """The widgets in a real browser: JupyterLab on 127.0.0.1 with a token, Debian's headless Chromium driven by the
-`playwright` package (never a downloaded browser). Runs all cells of a copy of nbs/14_widgets.ipynb, moves the
+`playwright` package (never a downloaded browser). Runs all cells of a copy of nbs/19_widgets.ipynb, moves the
 explorer's scale slider with the keyboard, and checks that the picture and the score change."""
 import json
 import os
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NB = REPO/'nbs'/'14_widgets.ipynb'
+NB = REPO/'nbs'/'19_widgets.ipynb'                 # the EquivarianceExplorer notebook (was 14_widgets before the restructure)
 CHROMIUM = Path('/usr/bin/chromium')
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                  '--disable-component-update', '--disable-sync', '--no-first-run']

@@ -1,4 +1,7 @@
-"""Tests of seam_nb.crf: per-pixel distributions, boundaries pulled onto colour edges, input errors, a real VOC image."""
+"""Tests of seam_nb.crf: per-pixel distributions, boundaries pulled onto colour edges, input errors, a real VOC image,
+the CRF stage over an inference folder (`crf_stage`, resumable, sharded) and its `seam_nb_crf` command."""
+import os, subprocess, sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -6,8 +9,9 @@ import pytest
 from PIL import Image
 
 pytest.importorskip('pydensecrf.densecrf')
-from seam_nb.core import SeamError
-from seam_nb.crf import dense_crf, crf_with_alpha, crf_label
+import torch
+from seam_nb.core import SeamError, torch_save_atomic
+from seam_nb.crf import dense_crf, crf_with_alpha, crf_label, crf_stage, main as crf_main
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
 VOC = SHARED/'voc_sample'
@@ -97,3 +101,76 @@ def test_read_only_image_is_accepted():
     img = np.zeros((8, 8, 3), np.uint8); img.setflags(write=False)
     out = dense_crf(img, np.full((2, 8, 8), .5, np.float32))
     np.testing.assert_allclose(out.sum(0), 1, atol=1e-3)
+
+
+# --- the CRF stage over an inference folder (CRF used to be part of seam_nb.infer) -------------------------------
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+
+
+@pytest.fixture(scope='module')
+def infer_dir(tmp_path_factory):
+    "A seam_nb_infer folder (console script, so infer_config.json is written) of 3 Shapes images, random tiny SEAMNet."
+    from seam_nb.model import SEAMNet
+    from seam_nb.train import make_config
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp('crf')
+    cfg = asdict(make_config('shapes_cpu', n_images=3, image_size=64))
+    torch_save_atomic({'model': SEAMNet('tiny', num_classes=7).state_dict(), 'config': cfg, 'step': 0}, root/'last.pt')
+    r = subprocess.run(['seam_nb_infer', '--ckpt', str(root/'last.pt'), '--dataset', 'shapes', '--n-images', '3',
+                        '--scales', '1', '--out', str(root/'infer'), '--no-progress', '--device', 'cpu'],
+                       capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root/'infer'
+
+
+def test_crf_stage_writes_resumes_and_shards(infer_dir, tmp_path):
+    from seam_nb.shapes import ShapesSource
+    src = ShapesSource(3, 64)
+    assert sorted(p.stem for p in (infer_dir/'pcm').glob('*.npz')) == sorted(src.names)
+    res = crf_stage(src, infer_dir/'pcm', tmp_path, progress=False)
+    assert res == {'written': 3, 'skipped': 0, 'total': 3}
+    for a in (4, 24):
+        for n in src.names:
+            im = Image.open(tmp_path/f'label_crf_{a}'/f'{n}.png')
+            assert im.mode == 'P' and im.size == (64, 64)
+            assert set(np.unique(np.asarray(im))) <= {0} | {int(k) + 1 for k in np.flatnonzero(src.labels(n))}
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*.png')}
+    assert crf_stage(src, infer_dir/'pcm', tmp_path, progress=False) == {'written': 0, 'skipped': 3, 'total': 3}
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*.png')}
+    (tmp_path/'label_crf_24'/f'{src.names[1]}.png').unlink()                # one missing label: only that image is redone
+    assert crf_stage(src, infer_dir/'pcm', tmp_path, progress=False)['written'] == 1
+    # shards: disjoint, covering every name; other alphas get their own folders
+    got = [crf_stage(src, infer_dir/'pcm', tmp_path/'sh', alphas=(8,), rank=r, world_size=2, progress=False) for r in (0, 1)]
+    assert [g['total'] for g in got] == [2, 1]
+    assert sorted(p.stem for p in (tmp_path/'sh'/'label_crf_8').glob('*.png')) == sorted(src.names)
+    assert not list(tmp_path.rglob('*.tmp'))
+    with pytest.raises(SeamError, match='rank 2'): crf_stage(src, infer_dir/'pcm', tmp_path, rank=2, world_size=2)
+    with pytest.raises(SeamError, match=r'1 of 3 CAM files are missing'):
+        (tmp_path/'cams').mkdir(); [(tmp_path/'cams'/f'{n}.npz').symlink_to(infer_dir/'pcm'/f'{n}.npz') for n in src.names[:2]]
+        crf_stage(src, tmp_path/'cams', tmp_path/'o', progress=False)
+
+
+def test_crf_command(infer_dir, tmp_path):
+    r = subprocess.run(['seam_nb_crf', '--infer-dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no-progress'],
+                       capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '3 images labelled, 0 already done' in r.stdout                # dataset options read from infer_config.json
+    for a in (4, 16): assert len(list((infer_dir/f'label_crf_{a}').glob('*.png'))) == 3
+    r = subprocess.run(['seam_nb_crf', '--infer_dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no_progress'],
+                       capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 0 and '0 images labelled, 3 already done' in r.stdout
+    assert {'--infer_dir', '--maps', '--alphas'} <= set(crf_main.parser()._option_string_actions)
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(), '--infer_dir'),
+    (dict(infer_dir='{tmp}/nope'), 'does not exist'),
+    (dict(infer_dir='{infer}', maps='labels'), '--maps must be pcm or cam'),
+    (dict(infer_dir='{infer}', alphas='4,x'), '--alphas'),
+    (dict(infer_dir='{tmp}'), 'CAM folder'),
+])
+def test_crf_command_errors(infer_dir, tmp_path, capsys, kw, msg):
+    kw = {k: v.format(tmp=tmp_path, infer=infer_dir) for k, v in kw.items()}
+    with pytest.raises(SystemExit) as e: crf_main(**kw) if kw else crf_main(argv=[])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('error: ') and msg in err and err.count('\n') == 1

@@ -1,4 +1,4 @@
-"Tests of seam_nb.data that need files: VOC sample, CSV folders, broken images, DataLoader workers."
+"Tests of seam_nb.core (image/mask IO), seam_nb.sources, seam_nb.transforms and seam_nb.shapes that need files: VOC sample, CSV folders, broken images, DataLoader workers."
 import io, os
 from pathlib import Path
 import numpy as np
@@ -7,10 +7,12 @@ import torch
 from PIL import Image
 
 from seam_nb.core import SeamError, label_to_pil, seed_everything, VOC_CLASSES
-from seam_nb.data import (SHAPE_CLASSES, make_shapes, load_image, load_mask, ShapesSource, VOCSource, FolderSource,
-                          ClsDataset, SegDataset, Compose, RandomResizeLong, RandomHFlip, ColorJitter, Normalize,
-                          RandomCrop, ToTensor, train_transform, multiscale_views, normalize_image, denormalize,
-                          read_id_list, labels_from_mask)
+from seam_nb.core import load_image, load_mask
+from seam_nb.sources import read_id_list
+from seam_nb.sources import VOCSource, FolderSource, ClsDataset, SegDataset, labels_from_mask
+from seam_nb.transforms import (Compose, RandomResizeLong, RandomHFlip, ColorJitter, Normalize, RandomCrop, ToTensor,
+                                train_transform, multiscale_views, normalize_image, denormalize)
+from seam_nb.shapes import SHAPE_CLASSES, make_shapes, ShapesSource
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
 VOC = SHARED/'voc_sample'

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seam_nb.core import save_label_png
-from seam_nb.evaluate import (main, threshold_curve, evaluate_label_dir, synthetic_eval_folder, save_cam_npz,
-                              load_cam_npz, confusion_matrix, confusion_loop, mean_iou, read_label_png)
+from seam_nb.core import save_label_png, save_cam_npz, load_cam_npz, load_mask
+from seam_nb.evaluate import (main, threshold_curve, evaluate_label_dir, synthetic_eval_folder, confusion_matrix,
+                              confusion_loop, mean_iou)
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
 VOC = SHARED/'voc_sample'
@@ -26,9 +26,9 @@ def run_cli(*args, cwd=None):
 
 
 def call_main(capsys, **kw):
-    "Run `main` in-process; returns (exit code, stdout, stderr)."
+    "Run `main` in-process; returns (exit code, stdout, stderr). No options: an empty command line (a bare `main()` reads sys.argv)."
     try:
-        main(**kw); code = 0
+        main(**kw) if kw else main(argv=[]); code = 0
     except SystemExit as e: code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -142,7 +142,7 @@ def test_empty_list_and_bad_files(toy, tmp_path, capsys):
     gt = tmp_path/'gt'; shutil.copytree(root/'gt', gt)
     Image.new('RGB', (48, 48)).save(gt/f'{names[1]}.png')
     code, _, err = call_main(capsys, cam_dir=str(root/'cam'), gt_dir=str(gt))
-    assert code == 2 and "'RGB'" in err and names[1] in err
+    assert code == 2 and 'mode RGB' in err and names[1] in err       # ground truth is read by core.load_mask now
 
 
 def test_label_size_mismatch(toy, tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_label_size_mismatch(toy, tmp_path, capsys):
 def test_unsure_pixels(toy, tmp_path):
     root, names = toy
     pred = tmp_path/'pred'; shutil.copytree(root/'cam_label', pred)
-    lab = read_label_png(pred/f'{names[0]}.png'); lab[:, :10] = 255; save_label_png(lab, pred/f'{names[0]}.png')
+    lab = load_mask(pred/f'{names[0]}.png'); lab[:, :10] = 255; save_label_png(lab, pred/f'{names[0]}.png')
     r_bg = evaluate_label_dir(pred, root/'gt', names)
     r_skip = evaluate_label_dir(pred, root/'gt', names, unsure='skip')
     assert 0 < r_skip['coverage'] < 1
@@ -194,7 +194,7 @@ def test_voc_root_perfect_cams_score_100(tmp_path, capsys):
     train = _voc_or_skip()
     cams = tmp_path/'cam'
     for n in train:   # CAMs that are exactly the ground-truth masks: every scored pixel is right at any α in [0, 1)
-        gt = read_label_png(VOC/'SegmentationClass'/f'{n}.png')
+        gt = load_mask(VOC/'SegmentationClass'/f'{n}.png')
         save_cam_npz(cams/f'{n}.npz', {int(k): (gt == k).astype(np.float32) for k in np.unique(gt) if 0 < k < 255})
     code, out, err = call_main(capsys, cam_dir=str(cams), voc_root=str(VOC), sweep=True, out=str(tmp_path/'o'))
     assert code == 0, err
@@ -216,7 +216,7 @@ def test_voc_shifted_labels_vs_loop():
     train = _voc_or_skip()
     conf, ref = np.zeros((21, 21), np.int64), np.zeros((21, 21), np.int64)
     for n in train[:4]:
-        gt = read_label_png(VOC/'SegmentationClass'/f'{n}.png')
+        gt = load_mask(VOC/'SegmentationClass'/f'{n}.png')
         pred = np.roll(np.where(gt == 255, 0, gt), 15, axis=1)        # a wrong-ish prediction
         confusion_matrix(pred, gt, conf=conf); ref += confusion_loop(pred, gt)
     assert np.array_equal(conf, ref)

@@ -9,11 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seam_nb.core import SeamError
-from seam_nb.backbone import load_weights, read_keys_tsv, state_dict_keys
+from seam_nb.backbones import read_keys_tsv, state_dict_keys
+from seam_nb.weights import load_weights
 from seam_nb.model import SEAMNet
 from test_backbone import write_params, mx_name   # the test-side MXNet writer and ademxapp naming
 
-SHARED = Path(__file__).resolve().parents[1].parent/'shared'
+FIXTURES = Path(__file__).resolve().parent/'fixtures'
 HEAD = ['fc8.weight', 'f8_3.weight', 'f8_4.weight', 'f9.weight']
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -24,8 +25,7 @@ def seam38():
 
 
 def test_state_dict_equals_reference_line_by_line(seam38):
-    p = SHARED/'reference/resnet38_SEAM.keys.tsv'
-    if not p.exists(): pytest.skip('reference listing not available')
+    p = FIXTURES/'resnet38_SEAM.keys.tsv'
     ref, ours = read_keys_tsv(p), state_dict_keys(seam38)
     assert len(ours) == len(ref) == 232
     for a, b in zip(ours, ref): assert a == b       # name, shape, dtype, in order

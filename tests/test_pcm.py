@@ -1,8 +1,9 @@
-"Checks of seam_nb.pcm beyond the notebook: chunked == full == reference for many block sizes, gradients, fidelity."
+"Checks of seam_nb.pcm and seam_nb.pcm_chunked beyond the notebook: chunked == full == reference for many block sizes, gradients, fidelity."
 import pytest
 import torch
 import torch.nn.functional as F
-from seam_nb.pcm import pcm, pcm_input, pcm_reference, auto_chunk_size, ChunkedPCM
+from seam_nb.pcm import pcm, pcm_input, pcm_reference
+from seam_nb.pcm_chunked import auto_chunk_size, ChunkedPCM
 
 
 def _inputs(n=2, c=5, d=7, h=6, w=10, seed=0, dtype=torch.float32):

@@ -10,12 +10,14 @@ from PIL import Image
 
 from seam_nb.core import SeamError, save_json, torch_save_atomic, atomic_write
 from seam_nb import core
-from seam_nb.data import load_image, load_mask, VOCSource, FolderSource, ShapesSource, make_shapes
+from seam_nb.core import load_image, load_mask, save_cam_npz, load_cam_npz
+from seam_nb.sources import VOCSource, FolderSource
+from seam_nb.shapes import ShapesSource, make_shapes
 from seam_nb.model import SEAMNet
-from seam_nb.backbone import load_weights
+from seam_nb.weights import load_weights, load_network
 from seam_nb.train import make_config
 from seam_nb import infer as I
-from seam_nb.evaluate import threshold_curve, save_cam_npz, load_cam_npz
+from seam_nb.evaluate import threshold_curve
 
 torch.set_num_threads(1)
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1', 'MPLBACKEND': 'Agg'}
@@ -288,7 +290,7 @@ def test_crafted_pickle_is_refused_everywhere(tmp_path, capsys):
 
 # ---------------------------------------------------------------- shards cover every image exactly once
 def test_inference_and_evaluation_shards_cover_every_image_once(ckpt, tmp_path):
-    model, src = I.load_model(ckpt), ShapesSource(7, 48, seed=5)
+    model, src = load_network(ckpt, SEAMNet), ShapesSource(7, 48, seed=5)
     seen = []
     for rank in range(2):
         res = I.infer_cams(model, src, tmp_path, scales=(1.0,), progress=False, device='cpu', rank=rank, world_size=2)

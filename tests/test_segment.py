@@ -1,4 +1,5 @@
-"Tests of seam_nb.segment beyond the notebook: the loss, the dataset, inference properties, the DeepLabv3 build, retrain_on_shapes and the CLI."
+"""Tests of seam_nb.segment and seam_nb.retrain beyond the notebooks: the loss, the dataset, inference properties, the
+DeepLabv3 build, retrain_on_shapes and the seam_nb_segment command."""
 import os, sys, json, subprocess, dataclasses
 from pathlib import Path
 import numpy as np
@@ -7,10 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from seam_nb.core import SeamError, seed_everything, save_label_png, torch_save_atomic
-from seam_nb.data import ShapesSource, train_transform, normalize_image
+from seam_nb.shapes import ShapesSource, SHAPES_SPLIT_SEEDS
+from seam_nb.transforms import train_transform, normalize_image
 from seam_nb.model import SEAMNet
-from seam_nb.train import SHAPES_SPLIT_SEEDS, load_checkpoint
+from seam_nb.weights import load_checkpoint, load_network, load_init_weights
+from seam_nb.evaluate import evaluate_label_dir
 from seam_nb import segment as S
+from seam_nb import retrain as R
 
 torch.set_num_threads(1)
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
@@ -31,19 +35,18 @@ def gt_dir(src, tmp_path_factory):
 def run(gt_dir, tmp_path_factory):
     "A finished 6-step tiny run on perfect labels."
     out = tmp_path_factory.mktemp('run')/'seg'
-    cfg = S.shapes_seg_config(gt_dir, n_train=8, steps=6, image_size=SIZE, out=out, batch_size=4, progress=False, device='cpu')
-    S.train_segmentation(cfg)
+    cfg = R.shapes_seg_config(gt_dir, n_train=8, steps=6, image_size=SIZE, out=out, batch_size=4, progress=False, device='cpu')
+    R.train_segmentation(cfg)
     return out
 
 
 def cli(*args, timeout=240):
-    return subprocess.run([sys.executable, '-m', 'seam_nb.segment', *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(['seam_nb_segment', *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def call_main(capsys, **kw):
     "Run the CLI entry point in-process; returns (exit code, stderr)."
-    with pytest.raises(SystemExit) as e: S.main(**kw)
+    with pytest.raises(SystemExit) as e: R.main(**kw)
     return e.value.code, capsys.readouterr().err
 
 
@@ -121,7 +124,7 @@ def test_a_few_steps_on_perfect_labels_lower_the_loss(src, gt_dir, run):
         with torch.no_grad(): return S.seg_loss(model(xb), yb).item()
     seed_everything(0)                                  # the seed train_segmentation initialises with
     before = loss_of(S.SegNet('tiny', 7))
-    after = loss_of(S.load_segnet(run/'last.pt'))
+    after = loss_of(load_network(run/'last.pt', S.SegNet))
     assert after < before
     ck = load_checkpoint(run/'last.pt')
     assert ck['step'] == 6 and ck['config']['label_dir'] == str(gt_dir)
@@ -130,42 +133,52 @@ def test_a_few_steps_on_perfect_labels_lower_the_loss(src, gt_dir, run):
 
 def test_resume_continues_and_refuses_another_architecture(gt_dir, tmp_path):
     out = tmp_path/'r'
-    cfg = S.shapes_seg_config(gt_dir, n_train=8, steps=4, image_size=SIZE, out=out, batch_size=4, progress=False, device='cpu')
-    assert S.train_segmentation(dataclasses.replace(cfg, stop_at=2))['step'] == 2
-    with pytest.raises(SeamError, match='already holds a run'): S.train_segmentation(cfg)
-    assert S.train_segmentation(dataclasses.replace(cfg, resume=True))['step'] == 4
+    cfg = R.shapes_seg_config(gt_dir, n_train=8, steps=4, image_size=SIZE, out=out, batch_size=4, progress=False, device='cpu')
+    assert R.train_segmentation(dataclasses.replace(cfg, stop_at=2))['step'] == 2
+    with pytest.raises(SeamError, match='already holds a run'): R.train_segmentation(cfg)
+    assert R.train_segmentation(dataclasses.replace(cfg, resume=True))['step'] == 4
     seam = tmp_path/'seam'; seam.mkdir()
     torch_save_atomic({'model': SEAMNet('tiny', num_classes=7).state_dict(), 'config': {'backbone': 'tiny'}, 'step': 1}, seam/'last.pt')
     with pytest.raises(SeamError, match='not a segmentation network'):
-        S.train_segmentation(dataclasses.replace(cfg, out=str(seam), resume=True))
+        R.train_segmentation(dataclasses.replace(cfg, out=str(seam), resume=True))
 
 
 def test_retrain_on_shapes_reports_both_mious_and_reuses_a_finished_run(gt_dir, tmp_path, monkeypatch):
     out = tmp_path/'retrain'
-    res = S.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, scales=(1.0,), out=out, batch_size=4)
+    res = R.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, scales=(1.0,), out=out, batch_size=4)
     assert 0 <= res['miou'] <= 1 and res['n_eval'] == 3 and res['eval_split'] == 'val'
     assert res['pseudo_miou'] == pytest.approx(1.0)      # ground truth as pseudo labels (255 band ignored)
     assert len(res['_losses']) == 3 and (out/'last.pt').is_file()
-    monkeypatch.setattr(S, 'train_segmentation', lambda cfg: pytest.fail('a finished run was trained again'))
-    again = S.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, scales=(1.0,), out=out, batch_size=4)
+    monkeypatch.setattr(R, 'train_segmentation', lambda cfg: pytest.fail('a finished run was trained again'))
+    again = R.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, scales=(1.0,), out=out, batch_size=4)
     assert again['miou'] == pytest.approx(res['miou'])
     with pytest.raises(SeamError, match='different'):
-        S.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, out=out, batch_size=4, lr=0.5)
-    with pytest.raises(SeamError, match='eval_split'): S.retrain_on_shapes(gt_dir, n_train=8, eval_split='train')
+        R.retrain_on_shapes(gt_dir, n_train=8, steps=3, image_size=SIZE, n_eval=3, out=out, batch_size=4, lr=0.5)
+    with pytest.raises(SeamError, match='eval_split'): R.retrain_on_shapes(gt_dir, n_train=8, eval_split='train')
     json.dumps({k: v for k, v in res.items() if not k.startswith('_')})          # the plain values are JSON-ready
 
 
-def test_shapes_pseudo_labels_from_a_seam_checkpoint(tmp_path):
-    "Pseudo labels made by seam_nb.infer from a (randomly initialised) SEAM checkpoint train a SegNet."
-    torch.manual_seed(0)
-    ck = tmp_path/'seam.pth'
-    torch_save_atomic({'model': SEAMNet('tiny', num_classes=7).state_dict(), 'config': {'backbone': 'tiny', 'dataset': 'shapes'}}, ck)
-    d = S.shapes_pseudo_labels(ck, tmp_path/'infer', n_train=3, image_size=SIZE, scales=(1.0,))
-    assert d.name == 'label_pcm' and len(list(d.glob('*.png'))) == 3
-    res = S.retrain_on_shapes(d, n_train=3, steps=1, image_size=SIZE, n_eval=2, scales=(1.0,), batch_size=2)
-    assert 0 <= res['pseudo_miou'] <= 1 and res['out'] is None
-    with pytest.raises(SeamError, match='kind'):
-        S.shapes_pseudo_labels(ck, tmp_path/'infer2', n_train=1, image_size=SIZE, scales=(1.0,), kind='label_crf_4x')
+def test_retrain_on_shapes_without_out_uses_a_temporary_run(src, tmp_path, monkeypatch):
+    "out=None: a temporary run folder, deleted afterwards; noisy labels give a pseudo mIoU below 1."
+    import tempfile
+    noisy = S.write_labels(src, tmp_path/'noisy', lambda n: S.corrupt_labels(src.mask(n), seed=1))
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path/'tmp')); (tmp_path/'tmp').mkdir()
+    res = R.retrain_on_shapes(noisy, n_train=3, steps=1, image_size=SIZE, n_eval=2, scales=(1.0,), batch_size=2)
+    assert 0 <= res['pseudo_miou'] < 1 and res['out'] is None and 0 <= res['miou'] <= 1
+    assert not list((tmp_path/'tmp').iterdir())
+
+
+def test_label_folder_miou_through_evaluate_label_dir(src, gt_dir, tmp_path):
+    "segment.label_dir_miou is gone: evaluate_label_dir with gt=source.mask (and relabel=ForegroundOnly.binarize) does it."
+    r = evaluate_label_dir(gt_dir, src.mask, src.names, src.num_classes)
+    assert r['miou'] == pytest.approx(1.0) and r['n_images'] == len(src)
+    # every foreground label swapped for another one: wrong per class, right as 'object' vs background
+    swap = S.write_labels(src, tmp_path/'swap', lambda n: np.where((src.mask(n) > 0) & (src.mask(n) < 255),
+                                                                   src.mask(n) % 6 + 1, src.mask(n)).astype(np.uint8))
+    assert evaluate_label_dir(swap, src.mask, src.names, src.num_classes)['miou'] < 0.5
+    fg = S.ForegroundOnly(src)
+    r = evaluate_label_dir(swap, fg.mask, fg.names, fg.num_classes, relabel=getattr(fg, 'binarize', None))
+    assert r['miou'] == pytest.approx(1.0) and r['conf'].shape == (2, 2)
 
 
 # --- inference --------------------------------------------------------------------------------------------------
@@ -186,13 +199,13 @@ def test_multiscale_flip_is_a_distribution_and_flip_consistent(src):
 
 
 def test_evaluate_segmentation_scores_and_writes_predictions(run, tmp_path):
-    model = S.load_segnet(run/'last.pt')
+    model = load_network(run/'last.pt', S.SegNet)
     val = ShapesSource(3, SIZE, seed=SHAPES_SPLIT_SEEDS['val'])
-    res = S.evaluate_segmentation(model, val, scales=(1.0,), pred_dir=tmp_path/'pred')
+    res = R.evaluate_segmentation(model, val, scales=(1.0,), pred_dir=tmp_path/'pred')
     assert res['conf'].shape == (7, 7) and res['n_images'] == 3 and 0 <= res['miou'] <= 1
     assert res['conf'].sum() == sum(int((val.mask(n) != 255).sum()) for n in val.names)
     assert sorted(p.stem for p in (tmp_path/'pred').glob('*.png')) == val.names
-    crf = S.evaluate_segmentation(model, val, scales=(1.0,), crf=True)
+    crf = R.evaluate_segmentation(model, val, scales=(1.0,), crf=True)
     assert crf['conf'].sum() == res['conf'].sum()
 
 
@@ -207,23 +220,29 @@ def test_deeplabv3_builds_offline_at_input_size(monkeypatch, tmp_path):
     # initial weights from local files: an ImageNet-style ResNet-50 (fc ignored), a torchvision DeepLabv3 (aux head dropped)
     r50 = tmp_path/'r50.pth'
     torch.save({**net.backbone.state_dict(), 'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)}, r50)
-    rep = S.load_init_weights(net, r50)
+    rep = load_init_weights(net, r50)
     assert len(rep.loaded) == len(net.backbone.state_dict()) and 'fc.weight' in rep.unexpected
     full = tmp_path/'deeplab.pth'
-    torch.save({**net.state_dict(), 'aux_classifier.4.weight': torch.zeros(5, 256, 1, 1)}, full)
-    assert len(S.load_init_weights(net, full).loaded) == len(net.state_dict())
+    torch.save(net.state_dict(), full)                                  # a whole SegNet/DeepLabv3 file
+    assert len(load_init_weights(net, full).loaded) == len(net.state_dict())
+
+
+def test_deeplabv3_file_with_aux_head_initialises_the_whole_network(tmp_path):
+    net = S.SegNet('deeplabv3_resnet50', num_classes=5).eval()
+    full = tmp_path/'deeplab.pth'
+    torch.save({**net.state_dict(), 'aux_classifier.4.weight': torch.zeros(5, 256, 1, 1)}, full)   # aux head dropped
+    assert len(load_init_weights(net, full).loaded) == len(net.state_dict())
 
 
 # --- command line -----------------------------------------------------------------------------------------------
 
 def test_cli_help_lists_the_options():
-    from fastcore.script import anno_parser
-    text = anno_parser(S.main.__wrapped__.__wrapped__).format_help()
-    for opt in ('--mode', '--label_dir', '--ckpt', '--crf', '--scales', '--resume'): assert opt in text
+    text = R.main.parser().format_help()
+    for opt in ('--mode', '--label_dir', '--ckpt', '--crf', '--scales', '--resume', '--dataset', '--data_root'): assert opt in text
 
 
 def test_cli_bad_input_as_a_script(tmp_path):
-    "`python -m seam_nb.segment` (one subprocess: starting Python with torch is the slow part)."
+    "`seam_nb_segment` (formerly `python -m seam_nb.segment`; one subprocess: starting Python with torch is the slow part)."
     r = cli('--mode', 'train', '--label-dir', tmp_path/'missing', '--out', tmp_path/'o', '--no_progress')
     assert r.returncode == 2 and r.stderr.strip().count('\n') == 0
     assert r.stderr.startswith('error:') and 'missing' in r.stderr and 'Traceback' not in r.stderr
@@ -242,7 +261,7 @@ def test_cli_bad_inputs_one_line_errors(capsys, tmp_path, gt_dir, run):
     ]
     seam = tmp_path/'seam.pt'
     torch_save_atomic({'model': SEAMNet('tiny', num_classes=7).state_dict(), 'config': {'backbone': 'tiny'}}, seam)
-    cases.append((dict(mode='eval', ckpt=str(seam), n_images=2, image_size=SIZE), 'not a segmentation network'))
+    cases.append((dict(mode='eval', ckpt=str(seam), n_images=2, image_size=SIZE), 'not a trained SegNet'))   # weights.load_network's words
     wrong = tmp_path/'wrong.pt'
     torch.save(S.SegNet('tiny', 7, width=8).state_dict(), wrong)
     cases.append((dict(mode='train', label_dir=str(gt_dir), n_images=8, image_size=SIZE, weights=str(wrong), out=str(tmp_path/'e')), 'wrong shape'))
@@ -258,10 +277,10 @@ def test_cli_bad_inputs_one_line_errors(capsys, tmp_path, gt_dir, run):
 
 def test_cli_train_then_eval(capsys, tmp_path, gt_dir):
     out = tmp_path/'cli'
-    S.main(mode='train', label_dir=str(gt_dir), n_images=8, image_size=SIZE, crop=48, steps=2, batch_size=4,
+    R.main(mode='train', label_dir=str(gt_dir), n_images=8, image_size=SIZE, crop=48, steps=2, batch_size=4,
            out=str(out), device='cpu', no_progress=True)
     assert (out/'last.pt').is_file() and (out/'losses.png').is_file()
-    S.main(mode='eval', n_images=3, out=str(out), scales='1', save_pred=True, device='cpu', no_progress=True)
+    R.main(mode='eval', n_images=3, out=str(out), scales='1', save_pred=True, device='cpu', no_progress=True)
     rep = json.loads((out/'eval_val.json').read_text())
     assert rep['split'] == 'val' and rep['n_images'] == 3 and 0 <= rep['miou'] <= 1 and len(rep['iou']) == 7
     assert len(list((out/'pred_val').glob('*.png'))) == 3

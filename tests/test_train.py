@@ -1,4 +1,4 @@
-"Tests of seam_nb.train that notebook cells cannot hold: exact resume, NaN stop, DDP with 2 processes, the CLI."
+"Tests of seam_nb.train (and the engine under it: seam_nb.engine, seam_nb.engine_internals) that notebook cells cannot hold:\nexact resume, NaN stop, DDP with 2 processes, the CLI."
 import os, sys, csv, json, subprocess
 from pathlib import Path
 import numpy as np
@@ -7,6 +7,8 @@ import torch
 
 from seam_nb.core import SeamError, torch_save_atomic
 from seam_nb import train as T
+from seam_nb import engine as E
+from seam_nb import engine_internals as EI
 
 torch.set_num_threads(1)
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
@@ -27,23 +29,23 @@ def rows(path):
 
 
 def test_poly_lr_by_hand():
-    assert T.poly_lr(0.01, 0, 1000) == 0.01
-    assert abs(T.poly_lr(0.01, 250, 1000) - 0.01 * 0.75 ** 0.9) < 1e-15
-    assert abs(T.poly_lr(0.01, 250, 1000) - 0.0077189) < 1e-7      # 0.75**0.9 = exp(0.9 ln 0.75) = 0.771890...
-    assert T.poly_lr(0.02, 1000, 1000) == 0.0
+    assert E.poly_lr(0.01, 0, 1000) == 0.01
+    assert abs(E.poly_lr(0.01, 250, 1000) - 0.01 * 0.75 ** 0.9) < 1e-15
+    assert abs(E.poly_lr(0.01, 250, 1000) - 0.0077189) < 1e-7      # 0.75**0.9 = exp(0.9 ln 0.75) = 0.771890...
+    assert E.poly_lr(0.02, 1000, 1000) == 0.0
 
 
 def test_optimizer_momentum_faithful_vs_corrected():
     m = torch.nn.Conv2d(3, 4, 1)
     groups = lambda: [{'params': [m.weight], 'lr': 0.01, 'weight_decay': 5e-4}, {'params': [m.bias], 'lr': 0.02, 'weight_decay': 0}]
-    f = T.make_optimizer(groups(), 0.01, 5e-4, 'faithful')
-    c = T.make_optimizer(groups(), 0.01, 5e-4, 'corrected')
+    f = E.make_optimizer(groups(), 0.01, 5e-4, 'faithful')
+    c = E.make_optimizer(groups(), 0.01, 5e-4, 'corrected')
     assert [g['momentum'] for g in f.param_groups] == [5e-4, 5e-4]
     assert [g['momentum'] for g in c.param_groups] == [0.9, 0.9]
     assert [g['weight_decay'] for g in f.param_groups] == [5e-4, 0]
     # the released PolyOptimizer passes weight decay positionally: it lands in SGD's momentum
     assert torch.optim.SGD(groups(), 0.01, 5e-4).defaults['momentum'] == 5e-4
-    assert T.set_poly_lr(f, 500, 1000) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert E.set_poly_lr(f, 500, 1000) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert f.param_groups[1]['lr'] == pytest.approx(0.02 * 0.5 ** 0.9)
 
 
@@ -65,8 +67,8 @@ class _Noisy(torch.utils.data.Dataset):
 
 def test_seeded_items_do_not_depend_on_workers():
     def epoch_items(workers, skip=0):
-        smp = T.EpochBatchSampler(12, 3, seed=1); smp.set_epoch(2, skip)
-        dl = torch.utils.data.DataLoader(T.SeededDataset(_Noisy(), 1), batch_sampler=smp, num_workers=workers)
+        smp = EI.EpochBatchSampler(12, 3, seed=1); smp.set_epoch(2, skip)
+        dl = torch.utils.data.DataLoader(EI.SeededDataset(_Noisy(), 1), batch_sampler=smp, num_workers=workers)
         return torch.cat(list(dl))
     alone = epoch_items(0)
     torch.testing.assert_close(alone, epoch_items(2), rtol=0, atol=0)       # worker processes change nothing
@@ -222,3 +224,28 @@ def test_voc_sample_short_run(tmp_path):
     s = T.train(cfg)
     assert s['step'] == 2 and np.isfinite(s['last']['total'])
     assert torch.load(tmp_path/'last.pt', weights_only=True)['model']['fc8.weight'].shape[0] == 21
+
+
+def test_presets_and_config_checks():
+    "`check_config(cfg)` became the method `cfg.check()`; the shapes_cpu preset's siamese rescale is 0.5 (was 0.3)."
+    cfg = T.make_config('shapes_cpu')
+    assert isinstance(cfg, E.EngineConfig) and cfg.rescale == 0.5 and cfg.check() is cfg
+    assert T.make_config('voc_resnet38').rescale == 0.3
+    for kw, msg in [(dict(method='fancy'), 'unknown method'), (dict(optimizer='adam'), 'unknown optimizer'),
+                    (dict(batch_size=0), 'batch_size'), (dict(steps=-1), 'steps'), (dict(rescale=0.0), 'rescale'),
+                    (dict(dataset='coco'), 'unknown dataset')]:
+        with pytest.raises(SeamError, match=msg): T.make_config('shapes_cpu', **kw).check()
+    with pytest.raises(SeamError, match='unknown preset'): T.make_config('imagenet')
+    with pytest.raises(SeamError, match=r'unknown \w+ option\(s\) colour'): T.make_config('shapes_cpu', colour=3)
+    assert not hasattr(T, 'check_config') and not hasattr(T, 'load_model_state')
+
+
+def test_checkpoint_records_portable_paths(tmp_path):
+    "A path inside the shipped data folder is recorded as 'data/<name>' in config.json and in the checkpoint."
+    from seam_nb.core import shipped
+    w = shipped('tiny_pretext.pth')
+    T.train(T.make_config('shapes_cpu', out=str(tmp_path/'run'), steps=1, weights=str(w), **TINY))
+    ck = torch.load(tmp_path/'run'/'last.pt', weights_only=True)
+    assert ck['config']['weights'] == 'data/tiny_pretext.pth'
+    assert json.loads((tmp_path/'run'/'config.json').read_text())['weights'] == 'data/tiny_pretext.pth'
+    assert ck['config']['out'] == str(tmp_path/'run')                 # paths elsewhere are kept as given

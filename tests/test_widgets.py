@@ -1,5 +1,6 @@
-"""Tests of seam_nb.widgets without a browser: set widget values in Python and check the PNG bytes, scores and label
-maps they produce; checkpoint loading and its fallback; uploads; the shared VOC sample."""
+"""Tests of seam_nb.widgets (EquivarianceExplorer) and seam_nb.viewer (CamPcmViewer) without a browser: set widget values
+in Python and check the PNG bytes, scores and label maps they produce; checkpoint loading and its fallback; uploads;
+the shared VOC sample."""
 import datetime
 import io
 from pathlib import Path
@@ -11,10 +12,12 @@ import torch.nn as nn
 from PIL import Image
 
 from seam_nb.core import SeamError
-from seam_nb.data import SHAPE_CLASSES, make_shapes
-from seam_nb.equivariance import Rescale, consistency
+from seam_nb.shapes import SHAPE_CLASSES, make_shapes
+from seam_nb.equivariance import Rescale, consistency, consistency_curve
+from seam_nb.measure import bench_widgets
 from seam_nb.model import SEAMNet
 from seam_nb import widgets as W
+from seam_nb import viewer as V
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
 K = len(SHAPE_CLASSES)
@@ -71,10 +74,14 @@ def test_bad_checkpoints_are_reported(tmp_path):
     (tmp_path/'shapes_seam.pth').write_bytes(b'\x00garbage')
     with pytest.raises(SeamError, match='shapes_seam.pth'): W.load_shapes_models(tmp_path)
     torch.save({'model': {'conv.weight': torch.zeros(1)}}, tmp_path/'shapes_seam.pth')
-    with pytest.raises(SeamError, match="fc8.weight"): W.load_shapes_models(tmp_path)
+    with pytest.raises(SeamError, match=r"shapes_seam\.pth is not a trained SEAMNet: it has no fc8"):   # weights.load_network's words
+        W.load_shapes_models(tmp_path)
     state = SEAMNet('tiny', num_classes=K + 1).state_dict(); state.pop('f9.weight')
     torch.save({'model': state, 'config': {'backbone': 'tiny'}}, tmp_path/'shapes_seam.pth')
-    with pytest.raises(SeamError, match='missing'): W.load_shapes_models(tmp_path)
+    with pytest.raises(SeamError, match='no f9 layer'): W.load_shapes_models(tmp_path)    # a head layer is absent
+    state = SEAMNet('tiny', num_classes=K + 1).state_dict(); state.pop('conv1a.weight')
+    torch.save({'model': state, 'config': {'backbone': 'tiny'}}, tmp_path/'shapes_seam.pth')
+    with pytest.raises(SeamError, match=r'missing: conv1a\.weight'): W.load_shapes_models(tmp_path)   # a backbone layer
 
 
 class Evil:
@@ -164,7 +171,7 @@ def test_no_pyplot_figures_and_threads_restored(models, shapes_items):
     before, threads = plt.get_fignums(), torch.get_num_threads()
     ex = W.EquivarianceExplorer(models, images=shapes_items)
     ex.scale.value = 0.75
-    vw = W.CamPcmViewer(models[1], images=shapes_items, crf=False)
+    vw = V.CamPcmViewer(models[1], images=shapes_items, crf=False)
     vw.threshold.value = 0.5
     assert plt.get_fignums() == before                       # widgets never leave figures for the notebook to show
     assert torch.get_num_threads() == threads
@@ -176,7 +183,7 @@ def test_voc_sample_in_the_menu(models):
     items = W.default_images(n_shapes=1, n_voc=2)
     voc = [n for n in items if not n.startswith('shapes_')]
     assert len(voc) == 2 and all(max(items[n].img.shape[:2]) <= 160 for n in voc)
-    vw = W.CamPcmViewer(models[1], images=items, crf=False)
+    vw = V.CamPcmViewer(models[1], images=items, crf=False)
     vw.image_picker.value = voc[0]
     assert set(vw.scores.values()) == {None}                  # VOC classes vs a Shapes network: no mIoU
     ex = W.EquivarianceExplorer(models, images=items)
@@ -189,14 +196,14 @@ def test_trained_seam_is_more_consistent():
     base, seam = W.load_shapes_models()
     if W.UNTRAINED_NOTE in base.note or W.UNTRAINED_NOTE in seam.note: pytest.skip('trained Shapes checkpoints not shipped yet')
     items = W.default_images(n_shapes=4, n_voc=0)
-    mean = {n: np.mean([W.consistency_curve(W.CachedCAM(m, threads=1), it.x, (0.5, 0.75, 1.5)) for it in items.values()])
+    mean = {n: np.mean([consistency_curve(W.CachedCAM(m, threads=1), it.x, (0.5, 0.75, 1.5)) for it in items.values()])
             for n, m in (('baseline', base), ('seam', seam))}
     assert mean['seam'] < mean['baseline'], mean
 
 
 # ---------------------------------------------------------------- CAM / PCM viewer
 def test_threshold_changes_labels_and_miou(models, shapes_items):
-    vw = W.CamPcmViewer(models[1], images=shapes_items, crf=False)
+    vw = V.CamPcmViewer(models[1], images=shapes_items, crf=False)
     vw.threshold.value = 0.1
     lab, miou, png = vw.label_maps['CAM'].copy(), vw.scores['CAM'], vw.image.value
     vw.threshold.value = 0.9
@@ -219,7 +226,7 @@ class OracleCAM(nn.Module):
 def test_perfect_maps_score_one():
     img, mask, labels = make_shapes(11, 64)
     item = W.ImageItem('oracle', img, mask, labels, SHAPE_CLASSES)
-    vw = W.CamPcmViewer(OracleCAM(mask), images={'oracle': item}, crf=False, threshold=0.5)
+    vw = V.CamPcmViewer(OracleCAM(mask), images={'oracle': item}, crf=False, threshold=0.5)
     assert vw.scores == {'CAM': pytest.approx(1.0), 'PCM': pytest.approx(1.0)}
     valid = mask != 255
     assert np.array_equal(vw.label_maps['CAM'][valid], mask[valid])
@@ -229,7 +236,7 @@ def test_crf_panel():
     pytest.importorskip('pydensecrf.densecrf')
     img, mask, labels = make_shapes(11, 64)
     item = W.ImageItem('oracle', img, mask, labels, SHAPE_CLASSES)
-    vw = W.CamPcmViewer(OracleCAM(mask), images={'oracle': item}, threshold=0.5)
+    vw = V.CamPcmViewer(OracleCAM(mask), images={'oracle': item}, threshold=0.5)
     assert vw.crf and set(vw.scores) == {'CAM', 'PCM', 'CRF'}
     assert 0 < vw.scores['CRF'] <= 1
     crf = vw.label_maps['CRF']
@@ -241,6 +248,65 @@ def test_crf_panel():
 
 
 def test_bench_reports_times(models):
-    res = W.bench_widgets(n=2, models=models, crf=False)
+    res = bench_widgets(n=2, models=models, crf=False)
     assert set(res) == {'explorer new scale', 'explorer cached scale', 'explorer flip', 'viewer threshold'}
     assert all(v['median_ms'] > 0 and v['max_ms'] >= v['median_ms'] for v in res.values())
+
+
+# ---------------------------------------------------------------- state tests moved from the notebooks
+@pytest.fixture(scope='module')
+def nb_setup():
+    "As the widgets notebook builds them: the shipped networks (or the untrained fallback), 2 Shapes + 2 VOC images."
+    b, s = W.load_shapes_models()
+    items = W.default_images(n_shapes=2, n_voc=2)
+    return {'baseline': b, 'SEAM': s}, items, list(items)
+
+
+def test_explorer_state(nb_setup):
+    "Moved from 19_widgets: scale/flip/rotation/image/tab/upload values drive scores, panels and curves."
+    models, items, names = nb_setup
+    ex = W.EquivarianceExplorer(models, images={n: items[n] for n in names[:2]})
+    assert ex.scores == {'baseline': 0.0, 'SEAM': 0.0}                  # scale 1, no flip, no rotation: identity
+    png0, cam0 = ex.image.value, ex.panels['SEAM']['cam_tx']
+    ex.flip.value = True                                               # flip on: CAM(t(x)) is a mirrored picture's CAM
+    assert ex.image.value != png0
+    assert ex.panels['SEAM']['cam_tx'].shape == cam0.shape
+    assert not np.array_equal(ex.panels['SEAM']['cam_tx'], cam0)
+    assert all(s > 0 for s in ex.scores.values())
+    ex.flip.value = False; assert ex.scores == {'baseline': 0.0, 'SEAM': 0.0}
+    ex.scale.value = 0.5
+    assert ex.panels['baseline']['cam_tx'].shape == (64, 64)
+    s05 = dict(ex.scores)
+    ex.rotation.value = 30; assert ex.scores != s05
+    ex.rotation.value = 0;  assert ex.scores == s05                    # back to a cached state, same numbers
+    ex.image_picker.value = names[1]; assert ex.scores != s05
+    ex.tabs.selected_index = 1                                         # opening the second tab computes the curve
+    assert set(ex.curves) == {'baseline', 'SEAM'}
+    assert ex.curves['SEAM'][list(ex.curve_scales).index(1.0)] == 0.0
+    assert ex.curve_image.value[:4] == b'\x89PNG'
+    buf = io.BytesIO(); Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(buf, format='PNG')
+    ex.upload.value = ({'name': 'grey.png', 'type': 'image/png', 'size': 0, 'content': memoryview(buf.getvalue()),
+                        'last_modified': datetime.datetime.now()},)
+    assert ex.image_picker.value == 'upload: grey.png'
+    ex.tabs.selected_index = 0; ex.image_picker.value = names[0]; ex.scale.value = 1.0
+    assert ex.scores == {'baseline': 0.0, 'SEAM': 0.0}
+
+
+def test_viewer_state(nb_setup):
+    "Moved from 20_viewer: threshold and class changes redraw; a VOC photograph has no comparable mIoU for a Shapes network."
+    models, items, names = nb_setup
+    vw = V.CamPcmViewer(models['SEAM'], images={n: items[n] for n in names})
+    png0, s0, lab0 = vw.image.value, dict(vw.scores), vw.label_maps['CAM']
+    vw.threshold.value = 0.9
+    assert not np.array_equal(vw.label_maps['CAM'], lab0)             # another threshold, another label map ...
+    assert vw.scores['CAM'] != s0['CAM']                               # ... and another mIoU
+    assert vw.image.value != png0
+    assert vw.class_picker.options[0][0].endswith('(in image)')
+    png1, lab1 = vw.image.value, vw.label_maps['CAM']
+    vw.class_picker.value = vw.class_picker.options[-1][1]             # another class: new score maps, same label maps
+    assert vw.image.value != png1 and np.array_equal(vw.label_maps['CAM'], lab1)
+    if W.voc_sample_dir() is not None:
+        vw.image_picker.value = names[-1]                              # a VOC photograph for a Shapes network: no comparable mIoU
+        assert set(vw.scores.values()) == {None}
+    vw.image_picker.value = names[0]; vw.threshold.value = 0.26
+    assert vw.scores['CAM'] == pytest.approx(s0['CAM'])
