@@ -35,11 +35,13 @@ def multiscale_cam(model:nn.Module, # a SEAMNet in eval mode
                    scales=(0.5, 1.0, 1.5, 2.0), # resize factors
                    flip:bool=True, # add the mirrored views
                    batched:bool=True, # both flips in one forward (False: one forward per view, for benchmarks)
-                   device=None # default: the model's device
+                   device=None, # default: the model's device
+                   long_side:int=None # scale 1 means this long side in pixels (None: the image's own size)
                   ) -> tuple: # `(cam, pcm)`: float32 `[K, H, W]` in [0, 1]
     "Foreground CAM and PCM maps of one image, summed over scales and flips and max-normalised per class (SEAM §4)."
     device = device or next(model.parameters()).device
     H, W = img.shape[:2]
+    if long_side: scales = [s * long_side / max(H, W) for s in scales]   # the maps still come back at H x W
     total = None
     for views in multiscale_views(img, scales, flip):
         views = views.to(device)
@@ -102,7 +104,8 @@ def infer_cams(model:nn.Module, # a SEAMNet (moved to `device`, put in eval mode
                rank:int=None, # this process's shard (default: $RANK or 0)
                world_size:int=None, # number of shards (default: $WORLD_SIZE or 1)
                names:list=None, # restrict to these names (default: all of `source`)
-               progress:bool=True # tqdm progress bar
+               progress:bool=True, # tqdm progress bar
+               long_side:int=None # scale 1 means this long side (e.g. 320 for a CPU); None: the image's size
               ) -> dict: # counts, seconds and images/s
     "Multi-scale CAM/PCM inference over a source, written as `.npz` maps and palette pseudo labels; resumable and shardable."
     rank = int(os.environ.get('RANK', 0)) if rank is None else rank
@@ -117,7 +120,7 @@ def infer_cams(model:nn.Module, # a SEAMNet (moved to `device`, put in eval mode
     t0 = time.perf_counter()
     for name in tqdm(todo, desc=f'infer {rank}/{world_size}', disable=not progress, dynamic_ncols=True):
         img, labels = source.image(name), source.labels(name)
-        cam, pcm = multiscale_cam(model, img, labels, scales, flip, batched, device)
+        cam, pcm = multiscale_cam(model, img, labels, scales, flip, batched, device, long_side)
         write_outputs(out_dir, name, img.shape[:2], labels, cam, pcm, bg, alpha)
     sec = time.perf_counter() - t0
     return {'rank': rank, 'world_size': world_size, 'assigned': len(mine), 'processed': len(todo),
@@ -158,6 +161,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
          out:str='runs/infer', # output folder
          scales:str='0.5,1.0,1.5,2.0', # comma-separated inference scales
          no_flip:bool=False, # skip the mirrored views
+         long_side:int=None, # resize so that scale 1 has this long side (e.g. 320 on a CPU; maps come back at image size)
          bg:str='threshold', # background for pseudo labels: threshold or power
          alpha:float=None, # background threshold (default 0.26), or exponent with --bg power (default 4)
          device:str='auto', # auto, cpu, cuda, cuda:1, ...
@@ -188,10 +192,10 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
         raise SeamError(f"{ckpt} predicts {model.num_classes} labels but the {dataset} data have {src.num_classes}")
     if int(os.environ.get('RANK', rank or 0)) == 0:
         save_json(dict(ckpt=str(ckpt), dataset=dataset, data_root=data_root, split=split, csv=csv, sbd_list=sbd_list,
-                       n_images=n_images, image_size=image_size, scales=list(sc), flip=not no_flip, bg=bg, alpha=alpha),
+                       n_images=n_images, image_size=image_size, scales=list(sc), flip=not no_flip, long_side=long_side, bg=bg, alpha=alpha),
                   Path(out)/'infer_config.json')
     res = infer_cams(model, src, out, sc, not no_flip, True, bg, alpha, device=device, rank=rank,
-                     world_size=world_size, progress=not no_progress)
+                     world_size=world_size, progress=not no_progress, long_side=long_side)
     if res['rank'] == 0 and res['assigned']:
         names = [n for n in shard(src.names, 0, res['world_size'])[:4]]
         save_figure(plot_inference(src, out, names), Path(out)/'preview.png', dpi=80)
@@ -199,7 +203,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
 
 if __name__ == '__main__' and '__file__' in globals(): main()
 
-# %% ../nbs/09_infer.ipynb #26f7485f
+# %% ../nbs/09_infer.ipynb #56fb6428
 SOURCE_OPTIONS = ('dataset', 'data_root', 'csv', 'split', 'sbd_list', 'n_images', 'image_size')
 
 def source_options(infer_dir, # a `seam_nb_infer` output folder, or None

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 import ipywidgets as widgets
-from .core import VOC_CLASSES, SeamError, data_dir, torch_threads
+import os
+from .core import VOC_CLASSES, SeamError, data_dir, torch_threads, load_image
 from .viz import PanelCanvas, fig_png
 from .transforms import normalize_image, denormalize, resize_image
 from .sources import Source, VOCSource
@@ -25,10 +26,10 @@ from .equivariance import Transform, Chain, make_transform, first_output, consis
 from .model import SEAMNet
 
 # %% auto #0
-__all__ = ['UNTRAINED_NOTE', 'SHAPES_TEST_SEED', 'CURVE_SCALES', 'load_shapes_models', 'ImageItem', 'fit_image', 'voc_sample_dir',
-           'source_items', 'default_images', 'as_items', 'decode_image', 'CachedCAM', 'explorer_panels',
-           'model_class_names', 'default_channels', 'plot_explorer', 'model_dict', 'model_notes', 'ImageWidget',
-           'EquivarianceExplorer']
+__all__ = ['UNTRAINED_NOTE', 'SHAPES_TEST_SEED', 'MIN_SIDE', 'CURVE_SCALES', 'load_shapes_models', 'ImageItem', 'fit_image',
+           'voc_sample_dir', 'source_items', 'default_images', 'as_picture', 'as_items', 'decode_image', 'CachedCAM',
+           'explorer_panels', 'model_class_names', 'default_channels', 'plot_explorer', 'model_dict', 'model_notes',
+           'ImageWidget', 'EquivarianceExplorer']
 
 # %% ../nbs/19_widgets.ipynb #ca02ee60
 UNTRAINED_NOTE = "untrained model: checkpoints not found"
@@ -108,19 +109,36 @@ def default_images(n_shapes:int=4, # Shapes test images
         items.update(source_items(voc, voc.names[:n_voc], max_side))
     return items
 
-def as_items(images=None, # None (defaults), a Source, a dict name -> ImageItem/array/(img, mask, labels), or a list
+MIN_SIDE = 32   # smaller pictures leave the networks a feature map of a few cells
+
+def as_picture(v, # a file path, or an array: uint8 [H, W], [H, W, 3] or [H, W, 4]
+               name:str='image' # for messages
+              ) -> np.ndarray: # uint8 [H, W, 3]
+    "A picture from a path or an array; gray, RGBA, CMYK and 16-bit files are converted, anything else is one clear error."
+    if isinstance(v, (str, os.PathLike)): img = load_image(v)              # one-line SeamError naming an unreadable file
+    else:
+        img = np.asarray(v)
+        if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
+            raise SeamError(f"image '{name}' must be a file path or a uint8 array [H, W], [H, W, 3] or [H, W, 4]; got {img.dtype} {img.shape}")
+        if img.ndim == 2: img = np.repeat(img[..., None], 3, 2)
+        img = img[..., :3]
+    if min(img.shape[:2]) < MIN_SIDE:
+        raise SeamError(f"image '{name}' is {img.shape[1]}x{img.shape[0]} px: the explorers need at least {MIN_SIDE} px on each side")
+    return img
+
+def as_items(images=None, # None (defaults); a Source; a path; a dict name -> ImageItem/path/array/(img, mask, labels); or a list
              max_side:int=160) -> dict:
     "Whatever the caller passed, as a dict name -> `ImageItem`."
     if images is None: return default_images(max_side=max_side)
     if isinstance(images, Source): return source_items(images, max_side=max_side)
-    pairs = images.items() if isinstance(images, dict) else ((getattr(v, 'name', f'image {i}'), v) for i, v in enumerate(images))
+    if isinstance(images, (str, os.PathLike, np.ndarray)): images = [images]
+    named = lambda i, v: Path(v).name if isinstance(v, (str, os.PathLike)) else getattr(v, 'name', f'image {i}')
+    pairs = images.items() if isinstance(images, dict) else ((named(i, v), v) for i, v in enumerate(images))
     out = {}
     for name, v in pairs:
         if isinstance(v, ImageItem): out[name] = v; continue
-        img, mask, labels = (tuple(v) + (None, None))[:3] if isinstance(v, (tuple, list)) else (v, None, None)
-        img = np.asarray(img)
-        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-            raise SeamError(f"image '{name}' must be uint8 [H, W, 3], got {img.dtype} {img.shape}")
+        img, mask, labels = (tuple(v) + (None, None))[:3] if isinstance(v, tuple) else (v, None, None)
+        img = as_picture(img, name)
         img, mask = fit_image(img, mask, max_side)
         out[name] = ImageItem(name, img, mask, labels, SHAPE_CLASSES if labels is not None else None)
     if not out: raise SeamError("no images to show: pass at least one")
@@ -268,7 +286,7 @@ class ImageWidget:
         files = list(files.values()) if isinstance(files, dict) else list(files)   # ipywidgets 7 / 8
         if not files: return
         f = files[-1]
-        try: img = decode_image(f['content'], f.get('name', 'upload'))
+        try: img = as_picture(decode_image(f['content'], f.get('name', 'upload')), f.get('name', 'upload'))
         except SeamError as e: self.note.value = f"<span style='color:#b03000'>{e}</span>"; return
         self.add_image(ImageItem(f"upload: {f.get('name', 'image')}", fit_image(img, None, self.max_side)[0]))
     def _repr_mimebundle_(self, **kwargs): return self.ui._repr_mimebundle_(**kwargs)

@@ -153,11 +153,15 @@ def test_cli_bad_inputs_one_line(aff_shapes, tmp_path, capsys):
         (dict(cam_dir=pcm, n_images=8, out=str(root/'run')), 'already holds a run'),
         (dict(cam_dir=pcm, n_images=8, out=str(root/'run'), resume=True, backbone='resnet38'), "backbone 'tiny'"),
         (dict(cam_dir=pcm, n_images=8, resize_long='64', out=str(tmp_path/'g')), '--resize_long'),
+        (dict(la_dir=str(root/'infer'/'label_crf_4'), ha_dir=str(root/'infer'/'label_crf_24'), n_images=8,
+              out=str(tmp_path/'h')), '--grid-labels vote'),                 # label PNGs cannot give block-averaged scores
+        (dict(cam_dir=pcm, n_images=8, grid_labels='soft', out=str(tmp_path/'i')), 'unknown grid_labels'),
+        (dict(cam_dir=pcm, n_images=8, preset='voc_resnet38', out=str(tmp_path/'j')), '--weights FILE'),
     ]
     for kw, expect in cases:
         code, err = _run_main(capsys, no_progress=True, device='cpu', **kw)
         assert code == 2 and one_line_error(err) and expect in err, (kw, err)
-    assert not any((tmp_path/d).exists() and list((tmp_path/d).iterdir()) for d in 'abcdefg')   # nothing half-written
+    assert not any((tmp_path/d).exists() and list((tmp_path/d).iterdir()) for d in 'abcdefghij')   # nothing half-written
 
 
 def test_cli_empty_folder_dataset(tmp_path, capsys):
@@ -174,10 +178,12 @@ def test_cli_bad_input_subprocess(tmp_path):
 
 
 def test_infer_dir_resolution_and_folder_dataset(aff_shapes):
-    "--infer_dir finds pcm/ and the CRF label folders; the folder dataset serves the same items as the on-the-fly one."
+    "--infer_dir finds pcm/ and the CRF score (or, for the vote, label) folders; folders and on-the-fly CRF give the same items."
     root, src = aff_shapes
     cam_dir, la_dir, ha_dir = AT.resolve_infer_dir(root/'infer')
-    assert (Path(cam_dir).name, Path(la_dir).name, Path(ha_dir).name) == ('pcm', 'label_crf_4', 'label_crf_24')
+    assert (Path(cam_dir).name, Path(la_dir).name, Path(ha_dir).name) == ('pcm', 'crf_4', 'crf_24')
+    vote_dirs = AT.resolve_infer_dir(root/'infer', grid_labels='vote')[1:]
+    assert [Path(d).name for d in vote_dirs] == ['label_crf_4', 'label_crf_24']
     assert AT.resolve_infer_dir(root/'infer', None, 'x', 'y')[1:] == ('x', 'y')
     assert AT.resolve_infer_dir(None, 'c', None, None) == ('c', None, None)
     a = AT.AffinityDataset(src, la_dir=la_dir, ha_dir=ha_dir, crop=64)
@@ -185,5 +191,10 @@ def test_infer_dir_resolution_and_folder_dataset(aff_shapes):
     torch.manual_seed(3); xa, la = a[5]
     torch.manual_seed(3); xb, lb = b[5]
     assert torch.equal(xa, xb) and all(torch.equal(u, v) for u, v in zip(la, lb))
+    c = AT.AffinityDataset(src, la_dir=la_dir, ha_dir=ha_dir, crop=64, grid_labels='vote')       # vote from the scores ...
+    d = AT.AffinityDataset(src, *vote_dirs, crop=64, grid_labels='vote')                          # ... or from the PNGs
+    torch.manual_seed(3); _, lc = c[5]
+    torch.manual_seed(3); _, ld = d[5]
+    assert all(torch.equal(u, v) for u, v in zip(lc, ld))
     ck = torch.load(root/'run'/'last.pt', weights_only=True)
     assert ck['step'] == 2 and ck['config']['la_dir'] == la_dir and 'f8_5.weight' in ck['model']

@@ -10,7 +10,7 @@ from PIL import Image
 
 pytest.importorskip('pydensecrf.densecrf')
 import torch
-from seam_nb.core import SeamError, torch_save_atomic
+from seam_nb.core import SeamError, torch_save_atomic, load_cam_npz
 from seam_nb.crf import dense_crf, crf_with_alpha, crf_label, crf_stage, main as crf_main
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
@@ -134,6 +134,8 @@ def test_crf_stage_writes_resumes_and_shards(infer_dir, tmp_path):
             im = Image.open(tmp_path/f'label_crf_{a}'/f'{n}.png')
             assert im.mode == 'P' and im.size == (64, 64)
             assert set(np.unique(np.asarray(im))) <= {0} | {int(k) + 1 for k in np.flatnonzero(src.labels(n))}
+            q = load_cam_npz(tmp_path/f'crf_{a}'/f'{n}.npz', background=True)          # the scores behind the labels
+            assert list(q)[0] == 0 and np.allclose(sum(q.values()), 1, atol=5e-3)
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*.png')}
     assert crf_stage(src, infer_dir/'pcm', tmp_path, progress=False) == {'written': 0, 'skipped': 3, 'total': 3}
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*.png')}
@@ -151,14 +153,16 @@ def test_crf_stage_writes_resumes_and_shards(infer_dir, tmp_path):
 
 
 def test_crf_command(infer_dir, tmp_path):
-    r = subprocess.run(['seam_nb_crf', '--infer-dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no-progress'],
-                       capture_output=True, text=True, env=ENV, timeout=240)
+    run = lambda *a: subprocess.run(['seam_nb_crf', *a], capture_output=True, text=True, env=ENV, timeout=240)
+    r = run('--infer-dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no-progress', '--no-scores')
     assert r.returncode == 0, r.stderr[-2000:]
-    assert '3 images labelled, 0 already done' in r.stdout                # dataset options read from infer_config.json
-    for a in (4, 16): assert len(list((infer_dir/f'label_crf_{a}').glob('*.png'))) == 3
-    r = subprocess.run(['seam_nb_crf', '--infer_dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no_progress'],
-                       capture_output=True, text=True, env=ENV, timeout=240)
-    assert r.returncode == 0 and '0 images labelled, 3 already done' in r.stdout
+    assert '3 images processed, 0 already done' in r.stdout               # dataset options read from infer_config.json
+    for a in (4, 16): assert len(list((infer_dir/f'label_crf_{a}').glob('*.png'))) == 3 and not (infer_dir/f'crf_{a}').exists()
+    r = run('--infer-dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no-progress')   # the scores were missing
+    assert r.returncode == 0 and '3 images processed, 0 already done' in r.stdout, r.stdout
+    for a in (4, 16): assert len(list((infer_dir/f'crf_{a}').glob('*.npz'))) == 3
+    r = run('--infer_dir', str(infer_dir), '--maps', 'cam', '--alphas', '4,16', '--no_progress')
+    assert r.returncode == 0 and '0 images processed, 3 already done' in r.stdout
     assert {'--infer_dir', '--maps', '--alphas'} <= set(crf_main.parser()._option_string_actions)
 
 

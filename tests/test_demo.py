@@ -134,11 +134,10 @@ def test_shipped_affinity_network():
     with pytest.raises(SeamError, match='not a trained SEAMNet'): load_network(p, SEAMNet)
 
 
-@pytest.mark.xfail(strict=True, reason="data/README.md is stale: it does not list shapes_affinity.pth and still shows "
-                                       "`seam_nb_demo --pretext`, `seam_nb.backbone.load_weights`, `seam_nb.infer.load_model`")
 def test_data_readme_is_current():
     text = (ROOT/'data'/'README.md').read_text()
     assert all(p.name in text for p in (ROOT/'data').glob('*.pth'))
+    assert all(f'photos/{p.name}' in text or p.name in text for p in (ROOT/'data'/'photos').glob('*.jpg'))
     for gone in ('seam_nb_demo --pretext', 'seam_nb.backbone', 'infer.load_model', 'seam_nb.demo.train_pretext'):
         assert gone not in text, gone
 

@@ -118,7 +118,7 @@ def test_zero_for_equivariant_models(loss):
     flip = HFlip()
     assert loss(_pixel_model(x), _pixel_model(flip(x)), LABELS, flip).item() == 0.0
     for t in (Rescale(0.3), Rescale(0.5), Rescale(2.0)):
-        assert loss(_const_model(x), _const_model(t(x)), LABELS, t).item() == 0.0
+        assert loss(_const_model(x), _const_model(t(x)), LABELS, t).item() < 1e-12   # 0 up to rounding of the resampling
     for t in (Rescale(0.3), Rescale(0.5)):   # downscaling keeps the corners, where the ramp's min and max sit
         assert loss(_ramp_model(x), _ramp_model(t(x)), LABELS, t).item() < 1e-6
 

@@ -200,6 +200,8 @@ def test_cli_empty_image_list(tmp_path):
     (dict(amp='fp8'), 'unknown amp'),
     (dict(dataset='folder', data_root='/nonexistent', csv='/nonexistent.csv'), 'not found'),
     (dict(weights='LINEAR'), 'does not fit'),
+    (dict(backbone='resnet38'), '--weights FILE'),                      # ImageNet backbones need their weights ...
+    (dict(preset='voc_ssenet'), '--from-scratch'),                      # ... as the released scripts require
 ])
 def test_main_bad_inputs_in_process(tmp_path, capsys, kw, expect):
     "The same entry point called in-process (cheaper than a subprocess): `error: ...` on one line, exit status 2."

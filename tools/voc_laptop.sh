@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Baseline CAM vs SEAM on real photos on a CPU (the voc_laptop preset): both start from the ImageNet
+# EfficientNet-Lite0 with the same seed and budget; then multi-scale + flip CAM/PCM maps of `train` and `val`
+# (scale 1 = a 320-px long side) and their scores at the fixed alpha and the alpha tuned on ground truth.
+# Every step resumes when rerun with the same OUT.
+#
+#   tools/voc_laptop.sh VOC_ROOT OUT [SEED] [more seam_nb_train options, e.g. --steps 500 --rescale 0.3]
+#   python tools/voc_laptop_table.py OUT [OUT ...]       # the table (means over the OUT folders, e.g. seeds)
+set -euo pipefail
+VOC=${1:?usage: tools/voc_laptop.sh VOC_ROOT OUT [SEED] [seam_nb_train options]}
+OUT=${2:?usage: tools/voc_laptop.sh VOC_ROOT OUT [SEED] [seam_nb_train options]}
+SEED=${3:-0}
+shift $(( $# < 3 ? $# : 3 ))
+for m in baseline seam; do
+  run=$OUT/train/$m
+  if [ ! -f "$run/summary.json" ]; then
+    resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
+    seam_nb_train --preset voc_laptop --data-root "$VOC" --method $m --seed "$SEED" --out "$run" --no-progress "${resume[@]}" "$@"
+  fi
+  for split in train val; do
+    seam_nb_infer --ckpt "$run/last.pt" --dataset voc --data-root "$VOC" --split $split --long-side 320 \
+                  --out "$OUT/infer/$m/$split" --no-progress
+    for kind in cam pcm; do
+      [ $m = baseline ] && [ $kind = pcm ] && continue
+      [ -f "$OUT/eval/$m/$split/$kind/metrics.json" ] && continue
+      seam_nb_eval --cam-dir "$OUT/infer/$m/$split/$kind" --voc-root "$VOC" --split $split --sweep \
+                   --out "$OUT/eval/$m/$split/$kind" > /dev/null
+    done
+  done
+done
+python "$(dirname "$0")/voc_laptop_table.py" "$OUT"
