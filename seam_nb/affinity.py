@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import SeamError, IGNORE_INDEX, colorize
 from .shapes import box_blur
-import seam_nb.lite0     # registers the 'lite0' backbones
+import seam_nb.lite0  # noqa: F401 (registers the 'lite0' backbones)
 from .backbones import Backbone, BackboneAdopter
 from .weights import backbone_from
 
@@ -226,7 +226,7 @@ def grid_labels(la:np.ndarray, # `[C, H, W]` CRF scores with the strong backgrou
     out[no_score] = IGNORE_INDEX
     return out
 
-# %% ../nbs/13_affinity.ipynb #01216293
+# %% ../nbs/13_affinity.ipynb #4e8cd4ee
 def one_hot_scores(label:np.ndarray, # `[H, W]` label map, 255 = no score (padding / ignore)
                    keys # label ids, one channel each (background 0 first)
                   ) -> np.ndarray: # `[len(keys), H, W]` float32, all zero where the label is 255 or not a key

@@ -85,7 +85,7 @@ def scores_to_label(scores:dict # {label id: `[H, W]` score}, e.g. `crf_with_alp
     keys = np.array(list(scores), dtype=np.uint8)
     return keys[np.stack(list(scores.values())).argmax(0)]
 
-# %% ../nbs/12_crf.ipynb #1e7be038
+# %% ../nbs/12_crf.ipynb #8001e4c3
 def crf_stage(source, # a `Source`: the images the maps belong to
               cam_dir, # folder of `<name>.npz` maps (SEAM: the inference folder's `pcm/`)
               out_dir, # where `crf_<α>/<name>.npz` and `label_crf_<α>/<name>.png` go (usually the inference folder)
@@ -111,7 +111,7 @@ def crf_stage(source, # a `Source`: the images the maps belong to
             save_label_png(scores_to_label(q), files(name, a)[0])
     return {'written': len(todo), 'skipped': len(names) - len(todo), 'total': len(names)}
 
-# %% ../nbs/12_crf.ipynb #50093425
+# %% ../nbs/12_crf.ipynb #e329f9a3
 @console(data=True)
 def main(infer_dir:str=None, # a seam_nb_infer folder: maps from its pcm/ (or --maps), labels written beside them
          maps:str='pcm', # which maps of the folder: pcm (SEAM's refined maps, as the original) or cam

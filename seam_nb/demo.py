@@ -282,7 +282,7 @@ def check_out_dir(out, # the folder asked for
         with atomic_write(out/MARKER, 'w') as f: f.write('written by seam_nb_demo; the outputs here may be replaced on a rerun\n')
     return out
 
-# %% ../nbs/11_demo.ipynb #a4857f1f
+# %% ../nbs/11_demo.ipynb #8e24ad0e
 def plot_demo_losses(out, methods=DEMO_METHODS):
     "Figure: the training losses of the runs (smoothed)."
     from matplotlib.figure import Figure
@@ -316,7 +316,7 @@ def write_report(out, # the demo folder
     with atomic_write(Path(out)/'report.md', 'w') as f: f.write('\n'.join(lines))
     return Path(out)/'report.md'
 
-# %% ../nbs/11_demo.ipynb #a9f71a42
+# %% ../nbs/11_demo.ipynb #23b55183
 def command(seed:int, quick:bool, budget:DemoBudget, out=None) -> str:
     "The `seam_nb_demo` command line that reproduces a run (recorded in run.json and in the slim checkpoints)."
     parts = ['seam_nb_demo', f'--seed {seed}'] + ([f'--out {out}'] if out is not None else []) + (['--quick'] if quick else [])

@@ -203,7 +203,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
 
 if __name__ == '__main__' and '__file__' in globals(): main()
 
-# %% ../nbs/09_infer.ipynb #56fb6428
+# %% ../nbs/09_infer.ipynb #59eadd31
 SOURCE_OPTIONS = ('dataset', 'data_root', 'csv', 'split', 'sbd_list', 'n_images', 'image_size')
 
 def source_options(infer_dir, # a `seam_nb_infer` output folder, or None

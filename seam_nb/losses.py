@@ -10,8 +10,9 @@ from .cam import max_norm
 from .equivariance import Transform, Rescale
 
 # %% auto #0
-__all__ = ['DEFAULT_TRANSFORM', 'OBJECTIVES', 'label_mask', 'cls_loss', 'er_loss', 'max_onehot', 'with_bg', 'top_fraction_mean',
-           'ecr_loss', 'min_pool_loss', 'relu_max_norm', 'scale_er_loss', 'objective', 'plot_loss_terms']
+__all__ = ['DEFAULT_TRANSFORM', 'OBJECTIVES', 'label_mask', 'cls_loss', 'normalised_pair', 'er_loss', 'max_onehot', 'with_bg',
+           'top_fraction_mean', 'ecr_loss', 'min_pool_loss', 'relu_max_norm', 'scale_er_loss', 'present_channels',
+           'seam_terms', 'objective', 'plot_loss_terms']
 
 # %% ../nbs/05_losses.ipynb #5d48cd0f
 DEFAULT_TRANSFORM = Rescale(0.3)   # the original's siamese branch: the image downscaled by 0.3
@@ -50,20 +51,26 @@ def _valid(t, cam_x):
     return None if m is None else m.to(cam_x.dtype)
 
 # %% ../nbs/05_losses.ipynb #150b6948
+def normalised_pair(cam_x, cam_tx, labels, t, what='er_loss'):
+    "`(t(max_norm(cam_x))·y, max_norm(cam_tx)·y)`: the two sides that ER compares and ECR starts from."
+    y = label_mask(labels)
+    return _in_t_frame(t, max_norm(cam_x), cam_tx, what) * y, max_norm(cam_tx) * y
+
 def er_loss(cam_x:torch.Tensor, # `[N, K+1, H, W]` raw CAM of x
             cam_tx:torch.Tensor, # `[N, K+1, h, w]` raw CAM of t(x)
             labels:torch.Tensor, # `[N, K]`
-            t:Transform=None # default `Rescale(0.3)`
+            t:Transform=None, # default `Rescale(0.3)`
+            channels:int=None, # the full channel count when the maps hold only some (the rest all zero after masking)
+            pair:tuple=None # `normalised_pair(...)` when already computed (`objective` shares it with ECR)
            ) -> torch.Tensor:
     "ER loss (SEAM §3.2): L1 mean between t(max_norm(cam_x))·y and max_norm(cam_tx)·y on fg channels."
     t = DEFAULT_TRANSFORM if t is None else t
     _check(cam_x, labels, 'cam_x'); _check(cam_tx, labels, 'cam_tx')
-    y = label_mask(labels)
-    a = _in_t_frame(t, max_norm(cam_x), cam_tx, 'er_loss') * y
-    b = max_norm(cam_tx) * y
+    a, b = pair or normalised_pair(cam_x, cam_tx, labels, t)
     m = _valid(t, cam_x)
     if m is not None: a, b = a * m, b * m
-    return (a[:, 1:] - b[:, 1:]).abs().mean()
+    d = (a[:, 1:] - b[:, 1:]).abs()
+    return d.mean() if channels is None else d.sum() / (d.shape[0] * (channels - 1) * d.shape[2] * d.shape[3])
 
 # %% ../nbs/05_losses.ipynb #823c92c9
 def max_onehot(x:torch.Tensor # `[N, C, H, W]` maps, channel 0 = background
@@ -78,13 +85,15 @@ def with_bg(x:torch.Tensor # `[N, C, H, W]` max-normalised maps
     "Replace channel 0 by `1 - max over fg channels` (a new tensor)."
     return torch.cat([1 - x[:, 1:].max(dim=1, keepdim=True)[0], x[:, 1:]], 1)
 
-def top_fraction_mean(x:torch.Tensor, # `[N, ...]` values, e.g. absolute errors
-                      frac:float=0.2 # fraction of each image's entries to keep (largest first)
+def top_fraction_mean(x:torch.Tensor, # `[N, ...]` values >= 0, e.g. absolute errors
+                      frac:float=0.2, # fraction of each image's entries to keep (largest first)
+                      numel:int=None # entries per image the fraction refers to, when `x` holds only the nonzero part
                      ) -> torch.Tensor: # scalar
     "Mean of the largest `int(numel_per_image * frac)` entries of each image (at least 1), averaged over images."
-    n = x.shape[0]
-    k = max(1, int(x[0].numel() * frac))
-    return torch.topk(x.reshape(n, -1), k=k, dim=-1)[0].mean()
+    n, have = x.shape[0], x[0].numel()
+    k = max(1, int((have if numel is None else numel) * frac))
+    if k <= have: return torch.topk(x.reshape(n, -1), k=k, dim=-1)[0].mean()
+    return (x.reshape(n, -1).sum(-1) / k).mean()                    # every entry counts, the missing ones are zeros
 
 # %% ../nbs/05_losses.ipynb #8d5fcfd1
 def ecr_loss(cam_x:torch.Tensor, # `[N, C, H, W]` raw CAM of x
@@ -93,21 +102,22 @@ def ecr_loss(cam_x:torch.Tensor, # `[N, C, H, W]` raw CAM of x
              pcm_tx:torch.Tensor, # `[N, C, h, w]` PCM output of t(x)
              labels:torch.Tensor, # `[N, C-1]`
              t:Transform=None, # default `Rescale(0.3)`
-             top_frac:float=0.2 # fraction of entries per image that count (the original: 0.2)
+             top_frac:float=0.2, # fraction of entries per image that count (the original: 0.2)
+             channels:int=None, # the full channel count when the maps hold only some (the rest all zero after masking)
+             pair:tuple=None # `normalised_pair(cam_x, cam_tx, ...)` when already computed
             ) -> torch.Tensor:
     "ECR loss (SEAM §3.4): |max_onehot(CAM of one branch, detached) - PCM of the other|, top-20% mean per image, both directions summed."
     t = DEFAULT_TRANSFORM if t is None else t
     for name, v in (('cam_x', cam_x), ('pcm_x', pcm_x), ('cam_tx', cam_tx), ('pcm_tx', pcm_tx)): _check(v, labels, name)
-    y = label_mask(labels)
-    cam1 = with_bg(_in_t_frame(t, max_norm(cam_x), cam_tx, 'ecr_loss') * y)
-    pcm1 = _in_t_frame(t, max_norm(pcm_x), cam_tx, 'ecr_loss') * y
-    cam2 = with_bg(max_norm(cam_tx) * y)
-    pcm2 = max_norm(pcm_tx) * y
+    cam1, cam2 = pair or normalised_pair(cam_x, cam_tx, labels, t, 'ecr_loss')
+    cam1, cam2 = with_bg(cam1), with_bg(cam2)
+    pcm1, pcm2 = normalised_pair(pcm_x, pcm_tx, labels, t, 'ecr_loss')
     m = _valid(t, cam_x)
     if m is not None: cam1, pcm1, cam2, pcm2 = cam1 * m, pcm1 * m, cam2 * m, pcm2 * m
     ecr1 = (max_onehot(cam2.detach()) - pcm1).abs()
     ecr2 = (max_onehot(cam1.detach()) - pcm2).abs()
-    return top_fraction_mean(ecr1, top_frac) + top_fraction_mean(ecr2, top_frac)
+    numel = None if channels is None else channels * ecr1.shape[2] * ecr1.shape[3]
+    return top_fraction_mean(ecr1, top_frac, numel) + top_fraction_mean(ecr2, top_frac, numel)
 
 # %% ../nbs/05_losses.ipynb #dd3008cc
 def min_pool_loss(pcm_out:torch.Tensor, # `[N, K+1, H, W]` PCM output (raw, not max-normalised)
@@ -154,6 +164,23 @@ def _unpack(out, name, need_pcm):
     if need_pcm and pcm is None: raise ValueError(f"objective 'seam' needs (cam, cam_pcm) from the model for {name}")
     return cam, pcm
 
+def present_channels(labels:torch.Tensor # `[N, K]`
+                    ) -> torch.Tensor: # channel indices: 0, then every fg class present in at least one image
+    "The channels SEAM's losses can see: background and the classes of the batch (the others are masked to zero)."
+    return torch.cat([labels.new_zeros(1, dtype=torch.long), torch.nonzero(labels.amax(0) > 0).flatten() + 1])
+
+def seam_terms(cam_x, pcm_x, cam_tx, pcm_tx, labels, t) -> dict:
+    "min-pool, ER and ECR on the channels of the classes in the batch only (the same numbers: the rest are zeros), sharing ER's normalisation with ECR."
+    keep = present_channels(labels)
+    C = labels.shape[1] + 1
+    if len(keep) < C:
+        cam_x, pcm_x, cam_tx, pcm_tx = (v[:, keep] for v in (cam_x, pcm_x, cam_tx, pcm_tx))
+        labels = labels[:, keep[1:] - 1]
+    pair = normalised_pair(cam_x, cam_tx, labels, t)
+    return {'min_pool': (min_pool_loss(pcm_x, labels) + min_pool_loss(pcm_tx, labels)) / 2,
+            'er': er_loss(cam_x, cam_tx, labels, t, channels=C, pair=pair),
+            'ecr': ecr_loss(cam_x, pcm_x, cam_tx, pcm_tx, labels, t, channels=C, pair=pair)}
+
 def objective(name:str, # 'seam', 'baseline' or 'ssenet'
               out_x, # model output on x: (cam, cam_pcm) or a CAM tensor
               out_tx, # model output on t(x) (may be None for 'baseline')
@@ -172,10 +199,7 @@ def objective(name:str, # 'seam', 'baseline' or 'ssenet'
     else:
         cam_tx, pcm_tx = _unpack(out_tx, 'out_tx', seam)
         terms = {'cls': (cls_loss(cam_x, labels) + cls_loss(cam_tx, labels)) / 2}
-        if seam:
-            terms['min_pool'] = (min_pool_loss(pcm_x, labels) + min_pool_loss(pcm_tx, labels)) / 2
-            terms['er'] = er_loss(cam_x, cam_tx, labels, t)
-            terms['ecr'] = ecr_loss(cam_x, pcm_x, cam_tx, pcm_tx, labels, t)
+        if seam: terms.update(seam_terms(cam_x, pcm_x, cam_tx, pcm_tx, labels, t))
         elif name == 'ssenet':
             terms['scale_er'] = scale_er_loss(cam_x, cam_tx, labels, t)
     weights = weights or {}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .core import SeamError
 from .backbones import Backbone, BackboneAdopter
 from .weights import backbone_from
-import seam_nb.lite0     # registers the 'lite0' backbones
+import seam_nb.lite0  # noqa: F401 (registers the 'lite0' backbones)
 from .pcm import pcm, pcm_input
 
 # %% auto #0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_widgets.ipynb #f4483c3d
 from __future__ import annotations
-import io, time, hashlib
+import time, hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from PIL import Image as PILImage
 import ipywidgets as widgets
 import os
-from .core import VOC_CLASSES, SeamError, data_dir, torch_threads, load_image
+from .core import VOC_CLASSES, SeamError, data_dir, torch_threads
 from .viz import PanelCanvas, fig_png
 from .transforms import normalize_image, denormalize, resize_image
-from .sources import Source, VOCSource
+from .sources import Source, VOCSource, as_picture, decode_image
 from .shapes import SHAPE_CLASSES, ShapesSource, SHAPES_SPLIT_SEEDS
 from .weights import load_network
 from .cam import max_norm
@@ -26,31 +26,41 @@ from .equivariance import Transform, Chain, make_transform, first_output, consis
 from .model import SEAMNet
 
 # %% auto #0
-__all__ = ['UNTRAINED_NOTE', 'SHAPES_TEST_SEED', 'MIN_SIDE', 'CURVE_SCALES', 'load_shapes_models', 'ImageItem', 'fit_image',
-           'voc_sample_dir', 'source_items', 'default_images', 'as_picture', 'as_items', 'decode_image', 'CachedCAM',
-           'explorer_panels', 'model_class_names', 'default_channels', 'plot_explorer', 'model_dict', 'model_notes',
-           'ImageWidget', 'EquivarianceExplorer']
+__all__ = ['UNTRAINED_NOTE', 'KINDS', 'SHAPES_TEST_SEED', 'CURVE_SCALES', 'load_models', 'load_shapes_models', 'ImageItem',
+           'fit_image', 'voc_sample_dir', 'source_items', 'photo_items', 'default_images', 'as_items', 'CachedCAM',
+           'explorer_panels', 'model_class_names', 'default_channels', 'plot_explorer', 'model_dict', 'class_note',
+           'model_notes', 'ImageWidget', 'EquivarianceExplorer']
 
 # %% ../nbs/19_widgets.ipynb #ca02ee60
 UNTRAINED_NOTE = "untrained model: checkpoints not found"
 
-def load_shapes_models(data_dir=None, # folder holding shapes_baseline.pth and shapes_seam.pth; default: the repo's data/
-                       seed:int=0 # initialises the fallback models (the global RNG is left untouched)
-                      ) -> tuple: # (baseline, seam) SEAMNets in eval mode, each with a `.note` saying where it came from
-    "The Shapes baseline and SEAM networks from their checkpoints, or untrained tiny networks when a file is missing."
+KINDS = {'photos': ('voc_lite0', 'lite0', len(VOC_CLASSES)),       # file prefix, backbone, channels
+         'shapes': ('shapes', 'tiny', len(SHAPE_CLASSES) + 1)}
+
+def load_models(kind:str='photos', # 'photos': EfficientNet-Lite0 networks trained on VOC photos; 'shapes': the tiny Shapes networks
+                data_dir=None, # folder holding `<prefix>_baseline.pth` and `<prefix>_seam.pth`; default: the repo's data/
+                seed:int=0 # initialises the fallback models (the global RNG is left untouched)
+               ) -> tuple: # (baseline, seam) SEAMNets in eval mode, each with a `.note` saying where it came from
+    "The shipped baseline and SEAM networks of one kind, or untrained networks when a file is missing."
+    if kind not in KINDS: raise SeamError(f"kind must be {' or '.join(KINDS)}, got '{kind}'")
+    prefix, backbone, channels = KINDS[kind]
     folder = Path(data_dir) if data_dir is not None else globals()['data_dir']()
     models = []
-    for i, kind in enumerate(('baseline', 'seam')):
-        path = folder/f'shapes_{kind}.pth'
+    for i, which in enumerate(('baseline', 'seam')):
+        path = folder/f'{prefix}_{which}.pth'
         if path.is_file(): model, note = load_network(path, SEAMNet), f"trained: {path.name}"
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + i)
-                model = SEAMNet('tiny', num_classes=len(SHAPE_CLASSES) + 1)
+                model = SEAMNet(backbone, num_classes=channels)
             note = f"{UNTRAINED_NOTE} ({path} missing)"
         model.note = note
         models.append(model.eval())
     return tuple(models)
+
+def load_shapes_models(data_dir=None, seed:int=0) -> tuple:
+    "`load_models('shapes', ...)`: the Shapes baseline and SEAM networks."
+    return load_models('shapes', data_dir, seed)
 
 # %% ../nbs/19_widgets.ipynb #df30f8eb
 @dataclass
@@ -97,34 +107,23 @@ def source_items(source:Source, # any `Source`
         out[n] = ImageItem(n, img, mask, np.asarray(source.labels(n), np.float32), tuple(source.classes))
     return out
 
+def photo_items(max_side:int=224) -> dict:
+    "The real photos shipped in `data/photos/` (CC0 or public domain; no masks), by file name."
+    folder = globals()['data_dir']()/'photos'
+    return as_items(sorted(folder.glob('*.jpg')), max_side) if folder.is_dir() and any(folder.glob('*.jpg')) else {}
+
 def default_images(n_shapes:int=4, # Shapes test images
                    n_voc:int=3, # VOC sample photographs (0: none; skipped when the sample is absent)
                    size:int=128, # side of the Shapes images
-                   max_side:int=160 # VOC pictures are shrunk to this
+                   max_side:int=160, # photographs are shrunk to this
+                   kind:str='shapes' # 'shapes': Shapes first; 'photos': the shipped photos first, no Shapes images
                   ) -> dict: # name -> ImageItem
-    "Shapes test images, then a few VOC sample photographs when `../shared/voc_sample` exists."
-    items = source_items(ShapesSource(n_shapes, size, seed=SHAPES_TEST_SEED), max_side=max_side)
+    "Shapes test images (or the shipped photos), then a few VOC sample photographs when `../shared/voc_sample` exists."
+    items = photo_items(max_side) if kind == 'photos' else source_items(ShapesSource(n_shapes, size, seed=SHAPES_TEST_SEED), max_side=max_side)
     if n_voc and (d := voc_sample_dir()) is not None:
         voc = VOCSource(d, split='train')
         items.update(source_items(voc, voc.names[:n_voc], max_side))
     return items
-
-MIN_SIDE = 32   # smaller pictures leave the networks a feature map of a few cells
-
-def as_picture(v, # a file path, or an array: uint8 [H, W], [H, W, 3] or [H, W, 4]
-               name:str='image' # for messages
-              ) -> np.ndarray: # uint8 [H, W, 3]
-    "A picture from a path or an array; gray, RGBA, CMYK and 16-bit files are converted, anything else is one clear error."
-    if isinstance(v, (str, os.PathLike)): img = load_image(v)              # one-line SeamError naming an unreadable file
-    else:
-        img = np.asarray(v)
-        if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
-            raise SeamError(f"image '{name}' must be a file path or a uint8 array [H, W], [H, W, 3] or [H, W, 4]; got {img.dtype} {img.shape}")
-        if img.ndim == 2: img = np.repeat(img[..., None], 3, 2)
-        img = img[..., :3]
-    if min(img.shape[:2]) < MIN_SIDE:
-        raise SeamError(f"image '{name}' is {img.shape[1]}x{img.shape[0]} px: the explorers need at least {MIN_SIDE} px on each side")
-    return img
 
 def as_items(images=None, # None (defaults); a Source; a path; a dict name -> ImageItem/path/array/(img, mask, labels); or a list
              max_side:int=160) -> dict:
@@ -143,16 +142,6 @@ def as_items(images=None, # None (defaults); a Source; a path; a dict name -> Im
         out[name] = ImageItem(name, img, mask, labels, SHAPE_CLASSES if labels is not None else None)
     if not out: raise SeamError("no images to show: pass at least one")
     return out
-
-def decode_image(data:bytes, # the bytes of an image file (PNG, JPEG, ...)
-                 name:str='upload' # used in the error message
-                ) -> np.ndarray: # uint8 [H, W, 3]
-    "Decode an uploaded image file to RGB, or raise a `SeamError` naming it."
-    try:
-        with PILImage.open(io.BytesIO(bytes(data))) as im:
-            im.load()
-            return np.asarray(im.convert('RGB'))
-    except Exception as e: raise SeamError(f"could not read '{name}' as an image ({type(e).__name__})") from None
 
 # %% ../nbs/19_widgets.ipynb #d546c701
 class CachedCAM:
@@ -250,12 +239,21 @@ def plot_explorer(models:dict, # name -> SEAMNet (or a CachedCAM)
 
 # %% ../nbs/19_widgets.ipynb #958562e3
 def model_dict(models) -> dict:
-    if models is None: models = load_shapes_models()
+    if models is None: models = load_models('photos')
+    if isinstance(models, str): models = load_models(models)
     if isinstance(models, torch.nn.Module): models = [models]
     if isinstance(models, (tuple, list)):
         models = dict(zip(('baseline', 'SEAM') if len(models) == 2 else [f'model {i}' for i in range(len(models))], models))
     if not models: raise SeamError("no networks given to the explorer")
     return dict(models)
+
+def class_note(item:ImageItem, class_names:tuple) -> str:
+    "A warning when the networks' classes are not the picture's (a Shapes network on a photo), else ''."
+    if tuple(class_names) == tuple(SHAPE_CLASSES) and tuple(item.classes or ()) != tuple(SHAPE_CLASSES):
+        return " · <span style='color:#b03000'>a Shapes network on a picture outside its classes: its maps show what looks like ring, drop, pie, ...</span>"
+    if item.classes is not None and tuple(item.classes) != tuple(class_names):
+        return " · <span style='color:#b03000'>this picture's labels are in other classes than the networks'</span>"
+    return ''
 
 def model_notes(models:dict) -> str:
     notes = [f"{n}: {getattr(m, 'note', 'given by the caller')}" for n, m in models.items()]
@@ -265,7 +263,10 @@ def model_notes(models:dict) -> str:
 
 class ImageWidget:
     "Shared parts: the image menu, the upload button, the note line; `ui` is the widget to display."
-    def _init_images(self, images, max_side):
+    def _init_images(self, images, max_side, class_names):
+        shapes = tuple(class_names) == tuple(SHAPE_CLASSES)
+        max_side = max_side or (160 if shapes else 224)
+        if images is None: images = default_images(max_side=max_side, kind='shapes' if shapes else 'photos')
         self.items, self.max_side, self._hold = as_items(images, max_side), max_side, False
         self.image_picker = widgets.Dropdown(options=list(self.items), description='image')
         self.upload = widgets.FileUpload(accept='image/*', multiple=False, description='upload')
@@ -296,11 +297,11 @@ CURVE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 class EquivarianceExplorer(ImageWidget):
     "Pick an image and a transform t (scale, flip, rotation); see CAM(t(x)), t(CAM(x)) and their difference per network (SEAM §3.1-3.2)."
-    def __init__(self, models=None, # name -> SEAMNet dict, (baseline, seam) pair, one model; None: `load_shapes_models()`
-                 images=None, # see `as_items`; None: Shapes test images + VOC sample
+    def __init__(self, models=None, # name -> SEAMNet dict, (baseline, seam) pair, one model, or 'photos' / 'shapes' (`load_models`)
+                 images=None, # see `as_items`; None: the shipped photos (Shapes test images for Shapes networks) + VOC sample
                  curve_scales=CURVE_SCALES, # scales of the consistency-vs-scale tab
                  panel_size:float=1.9, dpi:int=80,
-                 max_side:int=160, # pictures are shrunk to this longest side
+                 max_side:int=None, # pictures are shrunk to this longest side (default: 224 for photos, 160 for Shapes)
                  threads:int|None=1): # torch threads while computing (see `torch_threads`)
         self.models, self.threads = model_dict(models), threads
         self.cam_fns = {n: CachedCAM(m, threads=threads) for n, m in self.models.items()}
@@ -308,7 +309,7 @@ class EquivarianceExplorer(ImageWidget):
         self.curve_scales = tuple(curve_scales)
         self.scores, self.panels, self.curves, self.redraw_ms, self.redraw_cpu_ms = {}, {}, {}, [], []
         self._curves_for = None
-        self._init_images(images, max_side)
+        self._init_images(images, max_side, self.class_names)
         W = widgets
         self.class_picker = W.Dropdown(description='class')
         self.scale = W.FloatSlider(value=1.0, min=0.25, max=2.0, step=0.05, description='scale', readout_format='.2f',
@@ -324,7 +325,6 @@ class EquivarianceExplorer(ImageWidget):
         self.ui = W.VBox([W.HBox([self.image_picker, self.upload, self.class_picker]),
                           W.HBox([self.scale, self.flip, self.rotation]), self.note, self.tabs])
         self.ui.add_class('seam-explorer')
-        self.note.value = model_notes(self.models)
         self._canvas = PanelCanvas(len(self.models), 4, panel_size, dpi)
         for w in (self.scale, self.flip, self.rotation, self.class_picker): w.observe(self.redraw, 'value')
         self.image_picker.observe(self._image_changed, 'value')
@@ -344,6 +344,7 @@ class EquivarianceExplorer(ImageWidget):
             self.class_picker.value = order[0][0]
         finally: self._hold = False
         self.curves, self._curves_for, self.curve_image.value = {}, None, b''
+        self.note.value = model_notes(self.models) + class_note(self.item, self.class_names)
         self.redraw()
         if self.tabs.selected_index == 1: self.plot_curve()
 

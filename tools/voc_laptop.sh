@@ -5,13 +5,14 @@
 # Every step resumes when rerun with the same OUT.
 #
 #   tools/voc_laptop.sh VOC_ROOT OUT [SEED] [more seam_nb_train options, e.g. --steps 500 --rescale 0.3]
+#   METHODS=seam tools/voc_laptop.sh ...                 # one method only (the baseline ignores --rescale)
 #   python tools/voc_laptop_table.py OUT [OUT ...]       # the table (means over the OUT folders, e.g. seeds)
 set -euo pipefail
 VOC=${1:?usage: tools/voc_laptop.sh VOC_ROOT OUT [SEED] [seam_nb_train options]}
 OUT=${2:?usage: tools/voc_laptop.sh VOC_ROOT OUT [SEED] [seam_nb_train options]}
 SEED=${3:-0}
 shift $(( $# < 3 ? $# : 3 ))
-for m in baseline seam; do
+for m in ${METHODS:-baseline seam}; do
   run=$OUT/train/$m
   if [ ! -f "$run/summary.json" ]; then
     resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
