@@ -200,7 +200,8 @@ def consistency_scores(model:SEAMNet, # a network in eval mode
                        kind:str='cam' # 'cam' (raw CAM) or 'pcm' (PCM output)
                       ) -> np.ndarray: # one value per scale
     "Scale consistency of a network's CAM or PCM maps, restricted to the classes present in each image (SEAM §3.1)."
-    i, y = ('cam', 'pcm').index(kind), label_mask(labels.float())
+    dev = next(model.parameters()).device
+    i, y, x = ('cam', 'pcm').index(kind), label_mask(labels.float()).to(dev), x.to(dev)
     model.eval()
     return consistency_curve(lambda z: model(z)[i] * y, x, tuple(scales))
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_engine.ipynb #9d015106
 from __future__ import annotations
-import json, math, time, shutil, dataclasses
+import os, json, math, time, shutil, dataclasses
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -169,8 +169,9 @@ def fit(model:nn.Module, # the network (unwrapped); `model.param_groups(lr, wd)`
     rank, world, local_rank = dist_env()
     device = get_device(cfg.device)
     cuda = device.type == 'cuda'
-    own_group = world > 1 and not dist.is_initialized()
-    if world > 1 and cuda: device = torch.device('cuda', local_rank); torch.cuda.set_device(device)
+    launched = world > 1 or 'LOCAL_RANK' in os.environ     # under torchrun, even one process gets a group and DDP
+    own_group = launched and not dist.is_initialized()
+    if launched and cuda: device = torch.device('cuda', local_rank); torch.cuda.set_device(device)
     if own_group: dist.init_process_group('nccl' if cuda else 'gloo')
     try:
         if cfg.batch_size % world: raise SeamError(f"batch size {cfg.batch_size} cannot be split over {world} processes")
@@ -203,8 +204,9 @@ def fit(model:nn.Module, # the network (unwrapped); `model.param_groups(lr, wd)`
             if ckpt_path.exists(): raise SeamError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
             seed_everything(cfg.seed + rank)
         saved_step = step if cfg.resume else None
-        net = model if world == 1 else nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None, find_unused_parameters=find_unused)
+        net = model if not launched else nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, find_unused_parameters=find_unused,
+            broadcast_buffers=False)   # the siamese step runs two forwards: an in-place buffer broadcast would break the first one's backward
         loader = DataLoader(SeededDataset(dataset, cfg.seed), batch_sampler=sampler, num_workers=cfg.num_workers,
                             pin_memory=cuda, collate_fn=collate_fn, generator=torch.Generator().manual_seed(cfg.seed))
         log = None
@@ -261,6 +263,7 @@ def fit(model:nn.Module, # the network (unwrapped); `model.param_groups(lr, wd)`
         seconds = time.perf_counter() - t_start
         summary = {'step': step, 'total_steps': total, 'world_size': world, 'last': last, 'checkpoint': str(ckpt_path),
                    'images_per_s': n_seen / max(seconds, 1e-9), 'seconds': seconds, 'peak_memory_mb': peak_memory_mb(device),
+                   'device': str(device), 'backend': dist.get_backend() if dist.is_initialized() else None,
                    'weights_checksums': gather_objects(weights_checksum(model), world)}
         if rank == 0: save_json(summary, out/'summary.json')
         return summary

@@ -7,13 +7,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The reading order of the course (`nbs/index.ipynb`). Appendix modules are the foundation every part may use;
-# the tail appendices (pretext, measurement helpers, benchmark) may use everything and are used by nothing.
+# the tail appendices (pretext, measurement helpers, benchmark, GPU check) may use everything and are used by nothing.
 FOUNDATION = ['core', 'viz', 'transforms', 'sources', 'weights', 'backbones', 'lite0', 'engine_internals', 'pcm_chunked']
 PART_I = ['shapes', 'cam', 'equivariance', 'pcm', 'losses', 'model']
 PART_II = ['engine', 'train', 'infer', 'evaluate', 'demo']
 PART_III = ['crf', 'affinity', 'affinity_train', 'random_walk', 'segment', 'retrain', 'pipeline']
 WIDGETS = ['widgets', 'viewer']
-TAIL = ['pretext', 'measure', 'bench']
+TAIL = ['pretext', 'measure', 'bench', 'gpu_check']
 ORDER = FOUNDATION + PART_I + PART_II + PART_III + WIDGETS + TAIL
 
 def modules():
