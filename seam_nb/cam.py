@@ -12,7 +12,7 @@ from .core import SeamError, colorize
 
 # %% auto #0
 __all__ = ['cam_from_features', 'plot_cams', 'max_norm', 'bg_threshold', 'bg_power', 'cam_to_label', 'plot_label_maps',
-           'max_and_class', 'cam_dict_to_label', 'power_threshold']
+           'max_and_class', 'cam_dict_to_label', 'power_threshold', 'otsu_alpha']
 
 # %% ../nbs/02_cam.ipynb #76bcf49f
 def cam_from_features(feat:torch.Tensor, # `[N, D, h, w]` last feature map
@@ -150,3 +150,19 @@ def power_threshold(alpha # exponent(s) α >= 0 of the background (1 - m)^α
         above = mid > np.power(1 - mid, a)
         hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
     return hi
+
+# %% ../nbs/02_cam.ipynb #7e13e402
+def otsu_alpha(hist, # counts of the max foreground score in equal bins over [0, 1] (every pixel; no ground truth)
+               bg:str='threshold' # return the cut as a 'threshold' α, or as the 'power' exponent with the same threshold
+              ) -> float: # the background α
+    "Background α chosen without ground truth: Otsu's split of a network's own max-foreground scores."
+    h = np.asarray(hist, dtype=np.float64)
+    if h.ndim != 1 or len(h) < 2 or not h.sum() > 0: raise SeamError("otsu_alpha needs a non-empty 1-D histogram of at least 2 bins")
+    p = h / h.sum()
+    x = (np.arange(len(h)) + 0.5) / len(h)                 # bin centres
+    w0, mu = np.cumsum(p), np.cumsum(p * x)                # weight and first moment of the lower group, cut after bin k
+    between = (mu[-1] * w0 - mu) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    t = (int(np.argmax(between[:-1])) + 1) / len(h)        # upper edge of the lower group
+    if bg == 'threshold': return t
+    if bg == 'power': return float(np.log(t) / np.log1p(-t))   # the exponent with (1 - t)^α = t
+    raise SeamError(f"unknown background mode '{bg}': use 'threshold' or 'power'")

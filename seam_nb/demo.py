@@ -208,12 +208,13 @@ def consistency_scores(model:SEAMNet, # a network in eval mode
 def cam_row(method:str, # network: 'baseline', 'seam' or 'ssenet'
             kind:str='cam' # maps: 'cam' or 'pcm'
            ):
-    "Score function: threshold sweep of `method`'s `kind` maps (best α tuned on ground truth, fixed α = 0.26) and consistency."
+    "Score function: threshold sweep of `method`'s `kind` maps (fixed α = 0.26, α without ground truth, best α tuned on it) and consistency."
     def score(ctx:DemoContext) -> dict:
         c = threshold_curve(ctx.infer_dirs[method]/kind, ctx.gt_dir, ctx.names, num_classes=ctx.source.num_classes)
         cons = consistency_scores(ctx.models[method], ctx.x, ctx.labels, ctx.budget.consistency_scales, kind)
         return dict(miou_best=100 * c.best_miou, alpha_best=c.best_alpha, miou_fixed=100 * c.fixed_miou,
-                    alpha_fixed=float(c.alphas[c.fixed_index]), consistency=float(np.mean(cons)), background='threshold',
+                    alpha_fixed=float(c.alphas[c.fixed_index]), miou_gt_free=100 * float(c.miou[c.gt_free_index]),
+                    alpha_gt_free=c.gt_free_alpha, consistency=float(np.mean(cons)), background='threshold',
                     _curve=c, _consistency=cons)
     return score
 
@@ -236,14 +237,15 @@ def score_rows(ctx:DemoContext, rows:list=None) -> tuple:
 
 def format_results(results:dict # `score_rows`'s first output (or results.json)
                   ) -> str: # a Markdown table
-    "The results as a Markdown table: mIoU at the best α (tuned on ground truth), at the fixed α, and consistency."
-    lines = ['| row | mIoU, best α (tuned on GT) | best α | mIoU, fixed α | fixed α | consistency (lower = better) |',
-             '|---|---:|---:|---:|---:|---:|']
+    "The results as a Markdown table: mIoU at the best α (tuned on ground truth), at the fixed α, at the α chosen without ground truth, and consistency."
+    lines = ['| row | mIoU, best α (tuned on GT) | best α | mIoU, fixed α | fixed α | mIoU, α without GT | α without GT | consistency (lower = better) |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|']
     for key, r in results.items():
         cons = '—' if r.get('consistency') is None else f"{r['consistency']:.4f}"
-        a = {k: '—' if r.get(k) is None else f"{r[k]:g}" for k in ('alpha_best', 'alpha_fixed')}
+        a = {k: '—' if r.get(k) is None else f"{r[k]:g}" for k in ('alpha_best', 'alpha_fixed', 'alpha_gt_free')}
+        gf = '—' if r.get('miou_gt_free') is None else f"{r['miou_gt_free']:.1f}"
         lines.append(f"| {r.get('label', key)} | {r['miou_best']:.1f} | {a['alpha_best']} | "
-                     f"{r['miou_fixed']:.1f} | {a['alpha_fixed']} | {cons} |")
+                     f"{r['miou_fixed']:.1f} | {a['alpha_fixed']} | {gf} | {a['alpha_gt_free']} | {cons} |")
     return '\n'.join(lines)
 
 # %% ../nbs/11_demo.ipynb #7df3a833

@@ -12,13 +12,12 @@ from fastcore.script import Param
 from .core import (VOC_CLASSES, IGNORE_INDEX, SeamError, console, save_json, save_label_png, save_cam_npz, load_cam_npz,
                           load_mask, check_files)
 from .sources import read_id_list
-from .shapes import box_blur
 from .viz import save_figure, plot_threshold_curves
-from .cam import cam_dict_to_label, power_threshold, max_and_class
+from .cam import cam_dict_to_label, power_threshold, max_and_class, otsu_alpha
 
 # %% auto #0
-__all__ = ['confusion_loop', 'confusion_matrix', 'iou_table', 'default_class_names', 'MeanIoU', 'mean_iou', 'default_alphas',
-           'ThresholdCurve', 'threshold_curve', 'synthetic_eval_folder', 'evaluate_label_dir', 'plot_class_iou',
+__all__ = ['SCORE_BINS', 'GT_FREE_NOTE', 'confusion_loop', 'confusion_matrix', 'iou_table', 'default_class_names', 'MeanIoU',
+           'mean_iou', 'default_alphas', 'ThresholdCurve', 'threshold_curve', 'evaluate_label_dir', 'plot_class_iou',
            'format_table', 'eval_report', 'main']
 
 # %% ../nbs/10_evaluate.ipynb #3847972f
@@ -126,6 +125,9 @@ def default_alphas(bg:str='threshold' # background mode
     "0, 0.01, ..., 0.60 for a constant background (the original sweep, plus 0.60); 0.5, 1, ..., 32 for the power one."
     return np.round(np.arange(61) * 0.01, 2) if bg == 'threshold' else np.arange(1, 65) * 0.5
 
+SCORE_BINS = 100   # histogram bins of the max foreground score (the α grid's step for a constant background)
+GT_FREE_NOTE = "alpha from Otsu's split of the maps' own max foreground scores (otsu_alpha): no ground truth used"
+
 @dataclass
 class ThresholdCurve:
     "mIoU as a function of the background α, with the fixed-α and the best (tuned on ground truth) points."
@@ -134,6 +136,7 @@ class ThresholdCurve:
     conf: np.ndarray         # `[A, C, C]` confusion matrix per α
     fixed_alpha: float       # the α a user would pick without ground truth (SEAM: 0.26)
     n_images: int = 0
+    score_hist: np.ndarray = None  # `[SCORE_BINS]` counts of the max foreground score of every pixel (no ground truth)
     miou: np.ndarray = field(init=False)
     pixel_acc: np.ndarray = field(init=False)
 
@@ -151,6 +154,13 @@ class ThresholdCurve:
     def best_alpha(self) -> float: return float(self.alphas[self.best_index])
     @property
     def best_miou(self) -> float: return float(self.miou[self.best_index])
+    @property
+    def gt_free_index(self) -> int:
+        "Grid point nearest Otsu's α of `score_hist` (`otsu_alpha`): chosen from the maps alone."
+        if self.score_hist is None: raise SeamError("this curve has no score histogram: build it with threshold_curve")
+        return int(np.argmin(np.abs(self.alphas - otsu_alpha(self.score_hist, self.bg))))
+    @property
+    def gt_free_alpha(self) -> float: return float(self.alphas[self.gt_free_index])
 
     def summary(self) -> dict:
         "JSON-ready numbers: the curve, the fixed-α point and the tuned one, labelled as such."
@@ -160,7 +170,11 @@ class ThresholdCurve:
                 'tuned_on_ground_truth': {'alpha': float(self.alphas[bi]), 'miou': _num(self.miou[bi]),
                                           'pixel_acc': _num(self.pixel_acc[bi]),
                                           'note': 'alpha chosen by looking at the ground truth: an upper bound, not a fair score'},
-                'curve': {'alpha': [float(a) for a in self.alphas], 'miou': [_num(v) for v in self.miou]}}
+                'curve': {'alpha': [float(a) for a in self.alphas], 'miou': [_num(v) for v in self.miou]},
+                **({} if self.score_hist is None else {'no_ground_truth': self._point(self.gt_free_index, GT_FREE_NOTE)})}
+
+    def _point(self, i:int, note:str) -> dict:
+        return {'alpha': float(self.alphas[i]), 'miou': _num(self.miou[i]), 'pixel_acc': _num(self.pixel_acc[i]), 'note': note}
 
     def __repr__(self):
         return (f"ThresholdCurve({self.bg}, {self.n_images} images: mIoU {100*self.fixed_miou:.2f} at fixed α={self.alphas[self.fixed_index]:g}; "
@@ -190,51 +204,17 @@ def threshold_curve(cam_dir, # folder of `<name>.npz` CAM files
     thr = grid if bg == 'threshold' else power_threshold(grid)
     order = np.argsort(thr, kind='stable')             # the power thresholds fall as α grows
     H = np.zeros((len(grid) + 1, num_classes, num_classes), np.int64)
+    hist = np.zeros(SCORE_BINS, np.int64)                 # the maps' own scores, every pixel: for the GT-free α
     for name in names:
         gt = load_mask(Path(gt_dir)/f'{name}.png')
-        cams = load_cam_npz(Path(cam_dir)/f'{name}.npz')
-        try: H += _sweep_counts(*max_and_class(cams, gt.shape), gt, thr[order], num_classes, ignore_index)
+        try:
+            m, c = max_and_class(load_cam_npz(Path(cam_dir)/f'{name}.npz'), gt.shape)
+            H += _sweep_counts(m, c, gt, thr[order], num_classes, ignore_index)
         except SeamError as e: raise SeamError(f"{name}: {e}") from None
+        hist += np.bincount(np.minimum((m * SCORE_BINS).astype(np.int64), SCORE_BINS - 1).ravel(), minlength=SCORE_BINS)
     conf = np.empty((len(grid), num_classes, num_classes), np.int64)
     conf[order] = _counts_to_confusions(H)
-    return ThresholdCurve(bg, grid, conf, float(fixed_alpha), len(names))
-
-# %% ../nbs/10_evaluate.ipynb #3006d2c3
-def synthetic_eval_folder(root, # folder to fill: `gt/*.png`, `<cam_name>/*.npz`, `<cam_name>_label/*.png`
-                          n_images:int=8, # how many images
-                          size:int=96, # side of the square images
-                          num_classes:int=21, # labels, background included
-                          blur:int=6, # radius of the CAM blur: larger = sloppier CAMs
-                          seed:int=0, # same seed, same masks (so several CAM kinds share one ground truth)
-                          cam_name:str='cam' # sub-folder name for the CAMs
-                         ) -> list: # the image names
-    "Write a small fake dataset for evaluation: masks with a 255 band, CAM files and CAM labels at α = 0.26."
-    root, rng = Path(root), np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    names = []
-    for i in range(n_images):
-        mask = np.zeros((size, size), np.uint8)
-        for _ in range(rng.integers(1, 4)):
-            k = int(rng.integers(1, num_classes)); cy, cx = rng.integers(size // 6, size - size // 6, 2)
-            ry, rx = rng.integers(size // 10, size // 4, 2)
-            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1 if rng.random() < 0.5 else (abs(yy - cy) <= ry) & (abs(xx - cx) <= rx)
-            mask[inside] = k
-        gt = mask.copy()
-        band = np.zeros_like(mask, bool)
-        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1), (-2, 0), (2, 0), (0, -2), (0, 2)):
-            band |= np.roll(mask, (dy, dx), (0, 1)) != mask
-        gt[band] = IGNORE_INDEX
-        noise_rng = np.random.default_rng([seed, i, blur])   # CAM noise differs per kind, masks do not
-        cams = {}
-        for k in np.unique(mask[mask > 0]):
-            s = box_blur((mask == k).astype(np.float64), blur) + 0.08 * noise_rng.standard_normal(mask.shape)
-            s = np.clip(s, 0, None); cams[int(k)] = s / max(s.max(), 1e-5)
-        name = f'img_{seed:03d}_{i:04d}'; names.append(name)
-        save_label_png(gt, root/'gt'/f'{name}.png')
-        save_cam_npz(root/cam_name/f'{name}.npz', cams)
-        stored = load_cam_npz(root/cam_name/f'{name}.npz')    # label what was stored (float16), not the float64 maps
-        save_label_png(cam_dict_to_label(stored, mask.shape), root/f'{cam_name}_label'/f'{name}.png')
-    return names
+    return ThresholdCurve(bg, grid, conf, float(fixed_alpha), len(names), hist)
 
 # %% ../nbs/10_evaluate.ipynb #8abf766d
 def evaluate_label_dir(pred_dir, # folder of `<name>.png` predicted label maps
@@ -346,11 +326,12 @@ def eval_report(cam_dir=None, # folder of `<name>.npz` CAM files
     report = {'prediction_dir': str(pred_dir), 'gt_dir': str(gt_dir), 'n_images': len(names), 'num_classes': num_classes, 'classes': cls}
     figs = {}
     if cam_dir:
-        cv = threshold_curve(cam_dir, gt_dir, names, num_classes, alphas=None if sweep else [], bg=bg, fixed_alpha=alpha)
-        fa = float(cv.alphas[cv.fixed_index])
-        cols = {f'fixed α={fa:g}': cv.conf[cv.fixed_index]}
+        cv = threshold_curve(cam_dir, gt_dir, names, num_classes, bg=bg, fixed_alpha=alpha)   # the whole grid: the GT-free α lies on it
+        fa, gi = float(cv.alphas[cv.fixed_index]), cv.gt_free_index
+        cols = {f'fixed α={fa:g}': cv.conf[cv.fixed_index], f'α={cv.gt_free_alpha:g}, no GT': cv.conf[gi]}
         report.update(kind='cam', **cv.summary())
-        summary = [f"mIoU {100*cv.fixed_miou:.2f}%  pixel acc {100*cv.pixel_acc[cv.fixed_index]:.2f}%  at fixed α={fa:g} ({bg} background)"]
+        summary = [f"mIoU {100*cv.fixed_miou:.2f}%  pixel acc {100*cv.pixel_acc[cv.fixed_index]:.2f}%  at fixed α={fa:g} ({bg} background)",
+                   f"mIoU {100*cv.miou[gi]:.2f}%  at α={cv.gt_free_alpha:g}, chosen without ground truth (Otsu's split of the maps' own scores)"]
         if sweep:
             cols[f'α={cv.best_alpha:g}, tuned on GT'] = cv.conf[cv.best_index]
             figs['threshold_curve.png'] = plot_threshold_curves({pred_dir.name: cv})

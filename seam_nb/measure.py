@@ -8,15 +8,54 @@ import os, sys, json, time, tempfile, subprocess
 from pathlib import Path
 import numpy as np
 import torch
-from .core import SeamError, IGNORE_INDEX, load_cam_npz, load_mask
+from .core import SeamError, IGNORE_INDEX, load_cam_npz, load_mask, save_label_png, save_cam_npz
+from .shapes import box_blur
 from .cam import cam_dict_to_label
-from .evaluate import confusion_matrix, threshold_curve, synthetic_eval_folder
+from .evaluate import confusion_matrix, threshold_curve
 from .pcm import pcm
 from .widgets import EquivarianceExplorer, default_images, model_dict
 from .viewer import CamPcmViewer
 
 # %% auto #0
-__all__ = ['run_child', 'measure_pcm_memory', 'measure_random_walk', 'iou_loop', 'bench_eval', 'bench_widgets']
+__all__ = ['synthetic_eval_folder', 'run_child', 'measure_pcm_memory', 'measure_random_walk', 'iou_loop', 'bench_eval',
+           'bench_widgets']
+
+# %% ../nbs/a12_measure.ipynb #3006d2c3
+def synthetic_eval_folder(root, # folder to fill: `gt/*.png`, `<cam_name>/*.npz`, `<cam_name>_label/*.png`
+                          n_images:int=8, # how many images
+                          size:int=96, # side of the square images
+                          num_classes:int=21, # labels, background included
+                          blur:int=6, # radius of the CAM blur: larger = sloppier CAMs
+                          seed:int=0, # same seed, same masks (so several CAM kinds share one ground truth)
+                          cam_name:str='cam' # sub-folder name for the CAMs
+                         ) -> list: # the image names
+    "Write a small fake dataset for evaluation: masks with a 255 band, CAM files and CAM labels at α = 0.26."
+    root, rng = Path(root), np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    names = []
+    for i in range(n_images):
+        mask = np.zeros((size, size), np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            k = int(rng.integers(1, num_classes)); cy, cx = rng.integers(size // 6, size - size // 6, 2)
+            ry, rx = rng.integers(size // 10, size // 4, 2)
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1 if rng.random() < 0.5 else (abs(yy - cy) <= ry) & (abs(xx - cx) <= rx)
+            mask[inside] = k
+        gt = mask.copy()
+        band = np.zeros_like(mask, bool)
+        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1), (-2, 0), (2, 0), (0, -2), (0, 2)):
+            band |= np.roll(mask, (dy, dx), (0, 1)) != mask
+        gt[band] = IGNORE_INDEX
+        noise_rng = np.random.default_rng([seed, i, blur])   # CAM noise differs per kind, masks do not
+        cams = {}
+        for k in np.unique(mask[mask > 0]):
+            s = box_blur((mask == k).astype(np.float64), blur) + 0.08 * noise_rng.standard_normal(mask.shape)
+            s = np.clip(s, 0, None); cams[int(k)] = s / max(s.max(), 1e-5)
+        name = f'img_{seed:03d}_{i:04d}'; names.append(name)
+        save_label_png(gt, root/'gt'/f'{name}.png')
+        save_cam_npz(root/cam_name/f'{name}.npz', cams)
+        stored = load_cam_npz(root/cam_name/f'{name}.npz')    # label what was stored (float16), not the float64 maps
+        save_label_png(cam_dict_to_label(stored, mask.shape), root/f'{cam_name}_label'/f'{name}.png')
+    return names
 
 # %% ../nbs/a12_measure.ipynb #605672ba
 _PROC = r'''

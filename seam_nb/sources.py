@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import math
-import io, os
+import io, os, warnings
 from PIL import Image
 from .core import VOC_CLASSES, SeamError, colorize, load_image, load_mask, _to_rgb
 from .transforms import normalize_image, ToTensor
 
 # %% auto #0
-__all__ = ['MIN_SIDE', 'Source', 'show_samples', 'read_id_list', 'VOCSource', 'labels_from_mask', 'FolderSource', 'ClsDataset',
-           'SegDataset', 'as_picture', 'decode_image']
+__all__ = ['MIN_SIDE', 'MAX_SIDE', 'Source', 'show_samples', 'read_id_list', 'VOCSource', 'labels_from_mask', 'FolderSource',
+           'ClsDataset', 'SegDataset', 'as_picture', 'decode_image']
 
 # %% ../nbs/a04_sources.ipynb #183143b8
 class Source:
@@ -250,12 +250,14 @@ class SegDataset(torch.utils.data.Dataset):
         return name, img, mask
 
 # %% ../nbs/a04_sources.ipynb #958361cf
-MIN_SIDE = 32   # smaller pictures leave the networks a feature map of a few cells
+MIN_SIDE = 32     # smaller pictures leave the networks a feature map of a few cells
+MAX_SIDE = 1024   # larger pictures are shrunk to this long side (with a warning)
 
 def as_picture(v, # a file path, or an array: uint8 [H, W], [H, W, 3] or [H, W, 4]
-               name:str='image' # for messages
+               name:str='image', # for messages
+               max_side:int=MAX_SIDE # longer pictures are shrunk to this long side, with a warning
               ) -> np.ndarray: # uint8 [H, W, 3]
-    "A picture from a path or an array; gray, RGBA, CMYK and 16-bit files are converted, anything else is one clear error."
+    "A picture from a path or an array; gray, RGBA, CMYK and 16-bit files are converted, huge ones shrunk, anything else is one clear error."
     if isinstance(v, (str, os.PathLike)): img = load_image(v)              # one-line SeamError naming an unreadable file
     else:
         img = np.asarray(v)
@@ -263,6 +265,11 @@ def as_picture(v, # a file path, or an array: uint8 [H, W], [H, W, 3] or [H, W, 
             raise SeamError(f"image '{name}' must be a file path or a uint8 array [H, W], [H, W, 3] or [H, W, 4]; got {img.dtype} {img.shape}")
         if img.ndim == 2: img = np.repeat(img[..., None], 3, 2)
         img = img[..., :3]
+    h, w = img.shape[:2]
+    if max(h, w) > max_side:
+        f = max_side / max(h, w)
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR))
+        warnings.warn(f"image '{name}' is {w}x{h} px: shrunk to {img.shape[1]}x{img.shape[0]} (long side {max_side})", stacklevel=2)
     if min(img.shape[:2]) < MIN_SIDE:
         raise SeamError(f"image '{name}' is {img.shape[1]}x{img.shape[0]} px: the networks need at least {MIN_SIDE} px on each side")
     return img

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from seam_nb.core import save_label_png, save_cam_npz, load_cam_npz, load_mask
-from seam_nb.evaluate import (main, threshold_curve, evaluate_label_dir, synthetic_eval_folder, confusion_matrix,
+from seam_nb.measure import synthetic_eval_folder
+from seam_nb.evaluate import (main, threshold_curve, evaluate_label_dir, confusion_matrix,
                               confusion_loop, mean_iou)
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'
@@ -70,6 +71,21 @@ def test_fixed_only_has_no_tuned_number(toy, capsys):
     code, out, err = call_main(capsys, cam_dir=str(root/'cam'), gt_dir=str(root/'gt'), alpha=0.3)
     assert code == 0, err
     assert 'fixed α=0.3' in out and 'tuned' not in out
+
+
+def test_alpha_without_ground_truth(toy, tmp_path, capsys):
+    "The GT-free α is reported beside the fixed one, with or without --sweep, and comes from the maps alone."
+    root, names = toy
+    code, out, err = call_main(capsys, cam_dir=str(root/'cam'), gt_dir=str(root/'gt'), out=str(tmp_path/'o'))
+    assert code == 0, err
+    assert 'chosen without ground truth' in out and 'no GT' in out
+    rep = json.loads((tmp_path/'o'/'metrics.json').read_text())
+    a = rep['no_ground_truth']['alpha']
+    assert 0 < a < 1 and 'no ground truth' in rep['no_ground_truth']['note']
+    # the masks play no part in it: scoring the same maps against other (all-background) masks gives the same α
+    blank = tmp_path/'blank'; blank.mkdir()
+    for n in names: save_label_png(np.zeros_like(load_mask(root/'gt'/f'{n}.png')), blank/f'{n}.png')
+    assert threshold_curve(root/'cam', blank, names).gt_free_alpha == a
 
 
 def test_label_dir_default_names_and_note(toy, tmp_path, capsys):
