@@ -361,7 +361,9 @@ REBUILD = {'tiny_pretext.pth': 'seam_nb_pretext --out data',
            'shapes_baseline.pth': 'seam_nb_demo --seed 0 --out demo_out && cp demo_out/checkpoints/shapes_*.pth data/',
            'shapes_seam.pth': 'seam_nb_demo --seed 0 --out demo_out && cp demo_out/checkpoints/shapes_*.pth data/',
            'shapes_affinity.pth': 'seam_nb_demo --seed 0 --refine --out demo_out && cp demo_out/checkpoints/shapes_*.pth data/',
-           'shapes_ssenet.pth': 'seam_nb_demo --seed 0 --ssenet --out demo_out && cp demo_out/checkpoints/shapes_*.pth data/'}
+           'shapes_ssenet.pth': 'seam_nb_demo --seed 0 --ssenet --out demo_out && cp demo_out/checkpoints/shapes_*.pth data/',
+           'voc_lite0_baseline.pth': 'tools/voc_laptop.sh ../shared/voc_mini runs/voc_laptop 0 && cp runs/voc_laptop/voc_lite0_*.pth data/',
+           'voc_lite0_seam.pth': 'tools/voc_laptop.sh ../shared/voc_mini runs/voc_laptop 0 && cp runs/voc_laptop/voc_lite0_*.pth data/'}
 
 def shipped(name:str # a file name in `data_dir()`, e.g. 'tiny_pretext.pth'
            ) -> Path:

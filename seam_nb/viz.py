@@ -13,7 +13,8 @@ from PIL import Image as PILImage
 from .core import atomic_write, colorize, load_cam_npz
 
 # %% auto #0
-__all__ = ['save_figure', 'heat_overlay', 'label_overlay', 'max_heat', 'fig_png', 'PanelCanvas', 'plot_threshold_curves']
+__all__ = ['save_figure', 'heat_overlay', 'label_overlay', 'max_heat', 'fig_png', 'PanelCanvas', 'plot_threshold_curves',
+           'plot_wsss_pipeline', 'plot_seam_diagram']
 
 # %% ../nbs/a02_viz.ipynb #9ce1cc10
 def save_figure(fig, # a matplotlib Figure (pyplot's or not)
@@ -128,4 +129,67 @@ def plot_threshold_curves(curves:dict, # {method name: ThresholdCurve}; a single
     ax.set_xlabel('background exponent α in (1 − max fg)^α' if bgs == {'power'} else 'background threshold α')
     ax.set_ylabel('mIoU (%)'); ax.set_title(title); ax.grid(alpha=0.3); ax.legend(fontsize=7, loc='best')
     fig.tight_layout()
+    return fig
+
+# %% ../nbs/a02_viz.ipynb #153f27a2
+def _box(ax, x, y, w, h, text, color='#dbe9f6', fs=9, **kw):
+    "A rounded box centred at (x, y) with a label."
+    from matplotlib.patches import FancyBboxPatch
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle='round,pad=0.02,rounding_size=0.08',
+                                fc=color, ec='#333333', lw=1, **kw))
+    ax.text(x, y, text, ha='center', va='center', fontsize=fs)
+
+def _arrow(ax, a, b, text=None, style='-|>', ls='-', color='#333333', fs=8, off=(0, 0.12), **kw):
+    "An arrow from a to b, optionally labelled at its middle."
+    ax.annotate('', b, a, arrowprops=dict(arrowstyle=style, ls=ls, color=color, lw=1.2, shrinkA=2, shrinkB=2, **kw))
+    if text: ax.text((a[0] + b[0]) / 2 + off[0], (a[1] + b[1]) / 2 + off[1], text, ha='center', va='bottom', fontsize=fs, color=color)
+
+def _canvas(w, h, figsize):
+    fig = Figure(figsize=figsize)
+    ax = fig.add_axes([0, 0, 1, 1]); ax.set_xlim(0, w); ax.set_ylim(0, h); ax.axis('off')
+    return fig, ax
+
+def plot_wsss_pipeline() -> Figure:
+    "The three steps of weakly supervised semantic segmentation, with the notebooks that teach each one."
+    fig, ax = _canvas(12, 3.2, (11, 2.4))
+    ax.set_ylim(0.5, 3.25)
+    _box(ax, 1.0, 1.7, 1.6, 1.2, 'photo +\nimage labels\n"cat, sofa"', '#f3f3f3')
+    steps = [(3.6, '1. seeds\nCAM → SEAM CAM / PCM\n(equivariance, PCM)', 'notebooks 01–11', '#dbe9f6'),
+             (6.9, '2. refine\ndense CRF → AffinityNet\n→ random walk', 'notebooks 12–15', '#e3f1dc'),
+             (10.2, '3. retrain\na segmentation network\non the pseudo labels', 'notebooks 16–18', '#fbe5cf')]
+    prev = (1.8, 1.7)
+    for x, text, nbs, col in steps:
+        _box(ax, x, 1.7, 2.5, 1.3, text, col)
+        ax.text(x, 0.75, nbs, ha='center', va='center', fontsize=8, color='#555555')
+        _arrow(ax, prev, (x - 1.27, 1.7))
+        prev = (x + 1.27, 1.7)
+    ax.text(5.25, 2.45, 'seeds', ha='center', fontsize=8); ax.text(8.55, 2.45, 'pseudo labels', ha='center', fontsize=8)
+    ax.text(6, 3.0, 'pixel labels from image labels alone: the three steps', ha='center', fontsize=10, weight='bold')
+    return fig
+
+def plot_seam_diagram() -> Figure:
+    "SEAM's siamese network (the paper's Fig. 2, redrawn): shared backbone and CAM head, PCM, the losses, and where gradients stop."
+    fig, ax = _canvas(13, 6.4, (11.5, 5.0))
+    ax.set_ylim(0.95, 6.45)
+    for y, img, cam, rev, tag in ((5.0, 'image I', 'ŷᵒ', 'ŷʳ', 'x'), (1.6, 'A(I)\n(rescaled)', 'ŷᵗ', 'ŷʳᵗ', 't(x)')):
+        _box(ax, 0.9, y, 1.3, 0.8, img, '#f3f3f3')
+        _box(ax, 3.0, y, 1.9, 0.8, 'backbone\n(shared weights)')
+        _box(ax, 5.3, y, 1.4, 0.8, 'CAM head\n1×1 conv')
+        _box(ax, 7.2, y, 0.9, 0.7, cam, '#fff2b3', fs=11)
+        _box(ax, 9.1, y, 1.3, 0.8, 'PCM\n(§3.3)', '#e3f1dc')
+        _box(ax, 11.0, y, 0.9, 0.7, rev, '#fff2b3', fs=11)
+        _arrow(ax, (1.55, y), (2.05, y)); _arrow(ax, (3.95, y), (4.6, y)); _arrow(ax, (6.0, y), (6.75, y))
+        _arrow(ax, (7.65, y), (8.45, y), 'stop-grad', ls='--', color='#b03030')
+        _arrow(ax, (9.75, y), (10.55, y))
+        _arrow(ax, (3.0, y - 0.4 if y > 3 else y + 0.4), (9.1, y - 0.4 if y > 3 else y + 0.4), None, ls='--', color='#b03030',
+               connectionstyle=f"arc3,rad={0.25 if y > 3 else -0.25}")
+        ax.text(6.05, y - 0.95 if y > 3 else y + 0.78, 'features (stop-grad) → trainable 1×1 convs', ha='center', fontsize=7.5, color='#b03030')
+    _arrow(ax, (0.9, 4.6), (0.9, 2.0), 'A', off=(0.25, -0.1))
+    _box(ax, 7.2, 3.3, 1.9, 0.75, 'L_ER = ‖A(ŷᵒ) − ŷᵗ‖₁', '#fde0e0', fs=8.5)
+    _box(ax, 11.0, 3.3, 3.2, 0.95, 'L_ECR = ‖A(ŷʳ) − sg(ŷᵗ)‖₁\n+ ‖sg(A(ŷᵒ)) − ŷʳᵗ‖₁', '#fde0e0', fs=8.5)
+    _box(ax, 4.6, 3.3, 2.3, 0.75, 'L_cls: GAP of ŷᵒ, ŷᵗ\nvs image labels', '#fde0e0', fs=8.5)
+    for a, b in (((7.2, 4.65), (7.2, 3.7)), ((7.2, 1.95), (7.2, 2.9)), ((11.0, 4.65), (11.0, 3.8)), ((11.0, 1.95), (11.0, 2.8))):
+        _arrow(ax, a, b, style='-', color='#777777')
+    ax.text(6.5, 6.2, "SEAM: L = L_cls + L_ER + L_ECR (+ the released code's min-pool term on PCM); sg = stop-gradient",
+            ha='center', fontsize=9.5, weight='bold')
     return fig

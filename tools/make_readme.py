@@ -1,17 +1,24 @@
 """Generate README.md from nbs/index.ipynb (quarto, which nbdev_readme needs, is not available offline).
 
 Markdown cells are copied as they are; code cells are shown as ```python blocks unless they carry an nbdev
-directive that hides them (`#| hide`, `#| export`, ...). Outputs are not copied.
+directive that hides them (`#| hide`, `#| export`, ...). Outputs are not copied; a line `<!-- include path -->`
+becomes the text of that file (the notebooks' run-time table, `nbs/run_times.md`).
 
     python tools/make_readme.py          # write README.md
     python tools/make_readme.py --check  # exit 1 if README.md is out of date
 """
-import json, sys
+import json, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDING = ('#| hide', '#| export', '#| exporti', '#| exports', '#| default_exp', '#| eval: false')
 HEADER = '<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n'
+
+INCLUDE = re.compile(r'^<!-- include (\S+) -->$', re.M)
+
+def include(src: str) -> str:
+    "Replace each `<!-- include path -->` line by that file's text (e.g. the notebooks' run-time table)."
+    return INCLUDE.sub(lambda m: (ROOT/m[1]).read_text(encoding='utf-8').strip('\n') if (ROOT/m[1]).exists() else m[0], src)
 
 def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     nb = json.loads(Path(nb_path).read_text(encoding='utf-8'))
@@ -19,7 +26,7 @@ def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     for cell in nb['cells']:
         src = ''.join(cell['source']).strip('\n')
         if not src: continue
-        if cell['cell_type'] == 'markdown': parts.append(src)
+        if cell['cell_type'] == 'markdown': parts.append(include(src))
         elif cell['cell_type'] == 'code':
             if any(line.strip().startswith(HIDING) for line in src.splitlines()): continue
             parts.append('```python\n' + src + '\n```')

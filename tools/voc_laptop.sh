@@ -7,6 +7,7 @@
 #   tools/voc_laptop.sh VOC_ROOT OUT [SEED] [more seam_nb_train options, e.g. --steps 500 --rescale 0.3]
 #   METHODS=seam tools/voc_laptop.sh ...                 # one method only (the baseline ignores --rescale)
 #   python tools/voc_laptop_table.py OUT [OUT ...]       # the table (means over the OUT folders, e.g. seeds)
+# OUT/voc_lite0_{baseline,seam}.pth are the slimmed float16 networks (data/ ships seed 0's, trained on ../shared/voc_mini).
 set -euo pipefail
 VOC=${1:?usage: tools/voc_laptop.sh VOC_ROOT OUT [SEED] [seam_nb_train options]}
 OUT=${2:?usage: tools/voc_laptop.sh VOC_ROOT OUT [SEED] [seam_nb_train options]}
@@ -18,6 +19,9 @@ for m in ${METHODS:-baseline seam}; do
     resume=(); [ -f "$run/last.pt" ] && resume=(--resume)
     seam_nb_train --preset voc_laptop --data-root "$VOC" --method $m --seed "$SEED" --out "$run" --no-progress "${resume[@]}" "$@"
   fi
+  # the network alone, float16 (what data/voc_lite0_*.pth ship: loadable by seam_nb_infer --ckpt and the widgets)
+  [ -f "$OUT/voc_lite0_$m.pth" ] || python -c "import sys; from seam_nb.weights import slim_checkpoint as s; s(sys.argv[1], sys.argv[2], root=sys.argv[3], half=True)" \
+                                      "$run/last.pt" "$OUT/voc_lite0_$m.pth" "$OUT"
   for split in train val; do
     seam_nb_infer --ckpt "$run/last.pt" --dataset voc --data-root "$VOC" --split $split --long-side 320 \
                   --out "$OUT/infer/$m/$split" --no-progress
