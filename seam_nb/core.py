@@ -301,8 +301,8 @@ def dashed_to_underscored(argv:list # command-line words after the program name
     return out
 
 # %% ../nbs/a01_core.ipynb #8a318fb8
-DATA_OPTIONS = (('dataset', str, "shapes, voc or folder"),
-                ('data_root', str, "the VOC2012 folder, or the image folder for --dataset folder"),
+DATA_OPTIONS = (('dataset', str, "shapes, voc, coco or folder"),
+                ('data_root', str, "the VOC2012 folder, the COCO folder (train2014/, val2014/, annotations/), or the image folder for --dataset folder"),
                 ('csv', str, "labels CSV for --dataset folder"),
                 ('split', str, "image list (VOC: train, train_aug, val, ...; Shapes: train, val, test)"),
                 ('sbd_list', str, "text file of SBD image ids, for VOC's train_aug"),

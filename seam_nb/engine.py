@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader
 from .core import SeamError, get_device, seed_everything, save_json, torch_save_atomic, portable_config
 from .sources import VOCSource, FolderSource
+from .coco import COCOSource
 from .shapes import ShapesSource, SHAPES_SPLIT_SEEDS
 from .weights import load_checkpoint, fit_state_dict
 from .backbones import BACKBONES
@@ -27,7 +28,7 @@ __all__ = ['DATASETS', 'ENGINE_FIELDS', 'EngineConfig', 'config_from_preset', 'r
            'plot_losses']
 
 # %% ../nbs/07_engine.ipynb #280ab835
-DATASETS = ('shapes', 'voc', 'folder')
+DATASETS = ('shapes', 'voc', 'coco', 'folder')
 
 @dataclass
 class EngineConfig:
@@ -311,8 +312,8 @@ def run_stage(cfg:EngineConfig, # the run; `cfg.out` is its folder
     return ckpt
 
 # %% ../nbs/07_engine.ipynb #f937a0aa
-def build_source(dataset:str='shapes', # 'shapes', 'voc' or 'folder'
-                 data_root:str=None, # VOC2012 folder / image folder
+def build_source(dataset:str='shapes', # 'shapes', 'voc', 'coco' or 'folder'
+                 data_root:str=None, # VOC2012 folder / COCO folder (train2014/, val2014/, annotations/) / image folder
                  split:str='train', # VOC list name; for Shapes 'train', 'val' or 'test' (disjoint seeds)
                  csv:str=None, # folder: the labels CSV
                  sbd_list:str=None, # VOC: extra SBD list
@@ -327,12 +328,16 @@ def build_source(dataset:str='shapes', # 'shapes', 'voc' or 'folder'
         if not data_root: raise SeamError("--dataset voc needs --data_root, the .../VOCdevkit/VOC2012 folder")
         if not Path(data_root).is_dir(): raise SeamError(f"VOC folder {data_root} not found (expected .../VOCdevkit/VOC2012)")
         src = VOCSource(data_root, split=split, sbd_list=sbd_list)
+    elif dataset == 'coco':
+        if not data_root: raise SeamError("--dataset coco needs --data_root, the folder holding train2014/, val2014/ and annotations/")
+        if not Path(data_root).is_dir(): raise SeamError(f"COCO folder {data_root} not found")
+        src = COCOSource(data_root, split=split)
     elif dataset == 'folder':
         if not data_root or not csv: raise SeamError("--dataset folder needs --data_root (the image folder) and --csv (image,labels)")
         if not Path(data_root).is_dir(): raise SeamError(f"image folder {data_root} not found")
         if not Path(csv).is_file(): raise SeamError(f"labels CSV {csv} not found")
         src = FolderSource(data_root, csv)
-    else: raise SeamError(f"unknown dataset '{dataset}'; choose shapes, voc or folder")
+    else: raise SeamError(f"unknown dataset '{dataset}'; choose shapes, voc, coco or folder")
     if len(src) == 0: raise SeamError(f"the {dataset} image list is empty ({data_root or ''} {split})")
     return src
 

@@ -12,6 +12,7 @@ from fastcore.script import Param
 from .core import (VOC_CLASSES, IGNORE_INDEX, SeamError, console, save_json, save_label_png, save_cam_npz, load_cam_npz,
                           load_mask, check_files)
 from .sources import read_id_list
+from .coco import COCO_CLASSES
 from .viz import save_figure, plot_threshold_curves
 from .cam import cam_dict_to_label, power_threshold, max_and_class, otsu_alpha
 
@@ -79,7 +80,9 @@ def iou_table(conf:np.ndarray, # `[C, C]` confusion matrix (rows ground truth)
 def default_class_names(num_classes:int # number of labels, background included
                        ) -> list: # VOC names for 21 labels, else ['background', 'class_1', ...]
     "Label names to print when the user gave none."
-    return list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else ['background'] + [f'class_{k}' for k in range(1, num_classes)]
+    if num_classes == len(VOC_CLASSES): return list(VOC_CLASSES)
+    if num_classes == len(COCO_CLASSES): return list(COCO_CLASSES)
+    return ['background'] + [f'class_{k}' for k in range(1, num_classes)]
 
 # %% ../nbs/10_evaluate.ipynb #605e712f
 class MeanIoU(NamedTuple):

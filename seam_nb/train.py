@@ -51,6 +51,9 @@ PRESETS = {
     'voc_laptop': TrainConfig(dataset='voc', data_root='VOCdevkit/VOC2012', split='train', crop=224, resize_long=(256, 384),
                               backbone='lite0', weights='imagenet', method='seam', rescale=0.5, batch_size=8, steps=600,
                               lr=0.01, weight_decay=5e-4, optimizer='corrected', ckpt_every=100, out='runs/voc_laptop'),
+    'coco_resnet38': TrainConfig(dataset='coco', data_root='coco2014', split='train', crop=448, resize_long=(448, 768),
+                                 backbone='resnet38', method='seam', rescale=0.3, batch_size=8, epochs=5, lr=0.01,
+                                 weight_decay=5e-4, optimizer='faithful', ckpt_every=2000, num_workers=8, out='runs/coco_resnet38'),
     'shapes_cpu': TrainConfig(dataset='shapes', n_images=512, image_size=128, crop=112, resize_long=(96, 160),
                               backbone='tiny', method='seam', rescale=0.5, batch_size=8, epochs=10, steps=600,
                               lr=0.05, weight_decay=5e-4, optimizer='corrected', ckpt_every=200, out='runs/shapes_cpu'),
@@ -101,7 +104,7 @@ def train(cfg:TrainConfig # the run
 
 # %% ../nbs/08_train.ipynb #de686bd9
 @console(data=True)
-def main(preset:str='shapes_cpu', # configuration preset: voc_resnet38, voc_ssenet, voc_laptop or shapes_cpu
+def main(preset:str='shapes_cpu', # configuration preset: voc_resnet38, voc_ssenet, voc_laptop, coco_resnet38 or shapes_cpu
          backbone:str=None, # resnet38, resnet50, lite0, lite0_os8 or tiny
          weights:str=None, # initial weights (.pth or MXNet .params), or imagenet (lite0: from its pip package)
          from_scratch:bool=False, # start an ImageNet-size backbone from random weights (not the paper's setting)

@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 import ipywidgets as widgets
 import os
 from .core import VOC_CLASSES, SeamError, data_dir, torch_threads
+from .coco import COCO_CLASSES
 from .viz import PanelCanvas, fig_png
 from .transforms import normalize_image, denormalize, resize_image
 from .sources import Source, VOCSource, as_picture, decode_image
@@ -194,9 +195,10 @@ def explorer_panels(cam_fn, # x [N, 3, H, W] -> CAM [N, C, H, W] (e.g. a `Cached
 # %% ../nbs/19_widgets.ipynb #cda9d1bb
 def model_class_names(num_classes:int # CAM channels, background included
                      ) -> tuple: # the K foreground names
-    "Shapes names for 7 channels, VOC names for 21, else 'class_k'."
+    "Shapes names for 7 channels, VOC names for 21, COCO names for 81, else 'class_k'."
     if num_classes == len(SHAPE_CLASSES) + 1: return tuple(SHAPE_CLASSES)
     if num_classes == len(VOC_CLASSES): return tuple(VOC_CLASSES[1:])
+    if num_classes == len(COCO_CLASSES): return tuple(COCO_CLASSES[1:])
     return tuple(f'class_{k}' for k in range(1, num_classes))
 
 def default_channels(item:ImageItem, class_names:tuple, cam_fn) -> list:

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The reading order of the course (`nbs/index.ipynb`). Appendix modules are the foundation every part may use;
 # the tail appendices (pretext, measurement helpers, benchmark, GPU check) may use everything and are used by nothing.
-FOUNDATION = ['core', 'viz', 'transforms', 'sources', 'weights', 'backbones', 'lite0', 'engine_internals', 'pcm_chunked']
+FOUNDATION = ['core', 'viz', 'transforms', 'sources', 'coco', 'weights', 'backbones', 'lite0', 'engine_internals', 'pcm_chunked']
 PART_I = ['shapes', 'cam', 'equivariance', 'pcm', 'losses', 'model']
 PART_II = ['engine', 'train', 'infer', 'evaluate', 'demo']
 PART_III = ['crf', 'affinity', 'affinity_train', 'random_walk', 'segment', 'retrain', 'pipeline']

