@@ -18,7 +18,7 @@ from .model import SEAMNet
 from .evaluate import confusion_matrix, mean_iou
 from .crf import crf_with_alpha
 from .widgets import (ImageItem, CachedCAM, model_class_names, load_models, load_shapes_models, default_images, plot_explorer,
-                             ImageWidget, default_channels, model_notes, class_note)
+                             ImageWidget, default_channels, model_notes, class_note, photo_items)
 
 # %% auto #0
 __all__ = ['CRF_ALPHA', 'crf_available', 'cam_pcm_maps', 'crf_scores', 'image_miou', 'viewer_labels', 'plot_cam_pcm',
@@ -180,14 +180,16 @@ class CamPcmViewer(ImageWidget):
 def save_stills(dest=None, # folder for the PNGs (default: `nbs/images` of the source checkout)
                 data_dir=None, # folder of the Shapes checkpoints (default: the repo's `data/`)
                 scale:float=0.5, # the explorer's scale
-                scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0) # x axis of the consistency curve
+                scales=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), # x axis of the consistency curve
+                kind:str='photos' # 'photos': the real-photo networks on the shipped cat photo; 'shapes': a Shapes test image
                ) -> list: # the written paths
     "Write explorer_still.png, consistency_still.png and cam_pcm_still.png for the widgets notebook (atomically)."
     import seam_nb
     dest = Path(dest) if dest is not None else Path(seam_nb.__file__).resolve().parents[1]/'nbs'/'images'
-    base, seam = load_shapes_models(data_dir)
+    base, seam = load_models(kind, data_dir)
     models = {'baseline': base, 'SEAM': seam}
-    item = next(iter(default_images(n_shapes=1, n_voc=0).values()))
+    photos = photo_items() if kind == 'photos' else {}
+    item = photos.get('cat.jpg') or next(iter(photos.values() or default_images(n_shapes=1, n_voc=0).values()))
     curves = {n: consistency_curve(CachedCAM(m, threads=1), item.x, tuple(scales)) for n, m in models.items()}
     figs = {'explorer_still.png': plot_explorer(models, item, settings=((1.0, False, 0), (scale, False, 0))),
             'consistency_still.png': plot_consistency_curves(list(scales), curves, title=f"{item.name}: consistency against scale"),

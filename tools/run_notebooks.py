@@ -58,6 +58,21 @@ def shrink_outputs(path: Path):
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
 
 
+RUN_LINE = re.compile(r'^\*Run time on a 2-core laptop:.*$', re.M)
+
+
+def stamp_run_time(path: Path, seconds: float):
+    "Write the measured time into the notebook's opening 'What you will learn here' cell (replacing an older stamp)."
+    nb = json.loads(path.read_text(encoding='utf-8'))
+    cell = next((c for c in nb['cells'] if c['cell_type'] == 'markdown' and ''.join(c['source']).startswith('**What you will learn')), None)
+    if cell is None: return
+    line = f"*Run time on a 2-core laptop: {seconds:.0f} s from top to bottom (measured by `tools/run_notebooks.py`).*"
+    src = ''.join(cell['source'])
+    src = RUN_LINE.sub(line, src) if RUN_LINE.search(src) else src.rstrip('\n') + '\n\n' + line
+    cell['source'] = src.splitlines(keepends=True)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
+
+
 def run_one(path: Path) -> float:
     "Execute one notebook in place (outputs kept); returns seconds; raises on a failing cell."
     from execnb.shell import CaptureShell
@@ -117,6 +132,7 @@ def main(argv):
         print(f'running {p.name} ...', flush=True)
         times[p.stem] = run_one(p)
         shrink_outputs(p)
+        stamp_run_time(p, times[p.stem])
         print(f'  {times[p.stem]:.0f} s, outputs {output_bytes(p) / 1024:.0f} kB', flush=True)
     times = {k: v for k, v in times.items() if (NBS/f'{k}.ipynb').exists()}
     subprocess.run(['nbdev_clean'], cwd=ROOT, check=True)
