@@ -170,6 +170,7 @@ def run_gpu_check(work, # scratch folder for the runs
     meta = dict(device=str(device), dry=dry, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 gpu=torch.cuda.get_device_name(device) if not dry else None, sizes=asdict(sizes),
                 time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    log = log or (lambda *a: None)
     res, t0 = dict(meta=meta, errors={}), time.perf_counter()
     b, c = sizes.batch, sizes.crop
     steps = [(f'training steps: {sizes.backbone}, crop {c}, batch {b}, float32 and bf16 + channels-last', 'train',

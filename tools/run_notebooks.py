@@ -133,6 +133,7 @@ def main(argv):
         times[p.stem] = run_one(p)
         shrink_outputs(p)
         stamp_run_time(p, times[p.stem])
+        write_times({k: v for k, v in times.items() if (NBS/f'{k}.ipynb').exists()})   # kept if a later notebook fails
         print(f'  {times[p.stem]:.0f} s, outputs {output_bytes(p) / 1024:.0f} kB', flush=True)
     times = {k: v for k, v in times.items() if (NBS/f'{k}.ipynb').exists()}
     subprocess.run(['nbdev_clean'], cwd=ROOT, check=True)
