@@ -104,6 +104,7 @@ def runnable() -> list:
             while j < len(args) and args[j].isdigit(): j += 1
             args = args[:i] + ['--seeds', '0'] + args[j:]
         args = [a.lstrip('/').replace('/', '_') if a.startswith('/tmp/') else a for a in args]   # stay in the test's folder
+        args = [str(ROOT/a) if a.startswith('data/') else a for a in args]                      # the checkout's shipped files
         key = (mod, tuple(args))
         if key not in seen: seen.add(key); out.append((where, mod, args + SHRINK[mod], line))
     return out

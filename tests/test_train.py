@@ -235,7 +235,7 @@ def test_presets_and_config_checks():
     assert T.make_config('voc_resnet38').rescale == 0.3
     for kw, msg in [(dict(method='fancy'), 'unknown method'), (dict(optimizer='adam'), 'unknown optimizer'),
                     (dict(batch_size=0), 'batch_size'), (dict(steps=-1), 'steps'), (dict(rescale=0.0), 'rescale'),
-                    (dict(dataset='coco'), 'unknown dataset')]:
+                    (dict(dataset='imagenet'), 'unknown dataset')]:
         with pytest.raises(SeamError, match=msg): T.make_config('shapes_cpu', **kw).check()
     with pytest.raises(SeamError, match='unknown preset'): T.make_config('imagenet')
     with pytest.raises(SeamError, match=r'unknown \w+ option\(s\) colour'): T.make_config('shapes_cpu', colour=3)
