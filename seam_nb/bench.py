@@ -51,24 +51,38 @@ def timeit(fn, # called with no arguments
 def bench_train_step(backbone:str='tiny', # 'tiny', 'resnet38' or 'resnet50'
                      crop:int=112, # square crop side
                      batch:int=4, # images per step
-                     steps:int=3, # timed steps (one more is run untimed first)
+                     steps:int=3, # timed steps (untimed ones run first: one on the CPU, two on CUDA for cuDNN's search)
                      device='cpu', # where to run
-                     num_classes:int=21 # labels, background included
-                    ) -> dict: # step seconds and images/s
-    "Time SEAM training steps (siamese forward + loss + backward + SGD) on random images."
-    device = torch.device(device)
+                     num_classes:int=21, # labels, background included
+                     amp:str='none', # 'none' or 'bf16' (autocast)
+                     channels_last:bool=False, # NHWC memory layout for weights and inputs
+                     classes_per_image:int=None # None: each class present with probability 0.3 (at least one); else exactly this many
+                    ) -> dict: # step seconds, images/s, the last loss and the peak allocated bytes (CUDA)
+    "Time SEAM training steps (siamese forward + loss + backward + SGD) on random images; a non-finite loss is an error."
+    if amp not in ('none', 'bf16'): raise SeamError(f"amp must be 'none' or 'bf16', got '{amp}'")
+    device = torch.device(device); cuda = device.type == 'cuda'
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     seed_everything(0)
-    model = SEAMNet(backbone, num_classes=num_classes).to(device).train()
+    model = SEAMNet(backbone, num_classes=num_classes).to(device).train().to(memory_format=fmt)
     opt = make_optimizer(model.param_groups(0.01, 5e-4), 0.01, 5e-4, 'corrected')
     step_fn = seam_step('seam')
-    x = torch.randn(batch, 3, crop, crop, device=device)
-    y = (torch.rand(batch, num_classes - 1, device=device) < 0.3).float()
+    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
+    if classes_per_image is None: y = (torch.rand(batch, num_classes - 1, device=device) < 0.3).float()
+    else: y = torch.zeros(batch, num_classes - 1, device=device); y[:, :classes_per_image] = 1
     y[:, 0] = 1                                                         # at least one class per image
+    last = {}
     def one():
-        losses = step_fn(model, (x, y))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
+            losses = step_fn(model, (x, y))
         opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step()
-    sec = timeit(one, repeats=steps, device=device)
-    return dict(backbone=backbone, crop=crop, batch=batch, steps=steps, step_s=sec, images_per_s=batch / sec)
+        last['loss'] = losses['total'].detach()
+    if cuda: torch.cuda.reset_peak_memory_stats(device)
+    sec = timeit(one, repeats=steps, warmup=2 if cuda else 1, device=device)
+    loss = float(last['loss'])
+    if not np.isfinite(loss): raise SeamError(f"{backbone} training step on {device} ({amp}) gave a non-finite loss {loss}")
+    return dict(backbone=backbone, crop=crop, batch=batch, steps=steps, amp=amp, channels_last=channels_last,
+                step_s=sec, images_per_s=batch / sec, loss=loss,
+                peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None)
 
 # %% ../nbs/a13_bench.ipynb #32226f1c
 def bench_inference(model, # a SEAMNet (any backbone)

@@ -10,15 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from .core import SeamError, console, get_device, seed_everything, save_json, data_dir
-from .engine import make_optimizer
 from .model import SEAMNet
-from .train import seam_step
 from .infer import multiscale_cam
-from .bench import VOC_SIZE, timeit, run_bench, format_bench
+from .bench import VOC_SIZE, timeit, bench_train_step, run_bench, format_bench
 
 # %% auto #0
-__all__ = ['GPU_SIZES', 'DRY_SIZES', 'CheckSizes', 'train_speed', 'infer_speed', 'torchrun_train', 'pipeline_paths',
-           'run_gpu_check', 'format_gpu_check', 'main']
+__all__ = ['GPU_SIZES', 'DRY_SIZES', 'CheckSizes', 'infer_speed', 'torchrun_train', 'pipeline_paths', 'run_gpu_check',
+           'format_gpu_check', 'main']
 
 # %% ../nbs/a14_gpu_check.ipynb #1392713b
 @dataclass(frozen=True)
@@ -38,40 +36,6 @@ class CheckSizes:
 GPU_SIZES = CheckSizes()
 DRY_SIZES = CheckSizes(backbone='tiny', crop=64, batch=2, steps=1, image=(94, 125), scales=(0.5, 1.0),
                        ddp_steps=2, ddp_images=8, infer_images=2)
-
-# %% ../nbs/a14_gpu_check.ipynb #ca540cb5
-def train_speed(backbone:str='resnet38', # network
-                crop:int=448, # square crop side
-                batch:int=8, # images per step
-                steps:int=10, # timed steps (two untimed ones run first on CUDA, one on the CPU)
-                device='cuda', # where to run
-                amp:str='none', # 'none' or 'bf16' (autocast)
-                channels_last:bool=False # NHWC memory layout for weights and inputs
-               ) -> dict: # step seconds, images/s, peak bytes (CUDA) and the last loss
-    "Time SEAM training steps of one configuration; raises `SeamError` on a non-finite loss."
-    if amp not in ('none', 'bf16'): raise SeamError(f"amp must be 'none' or 'bf16', got '{amp}'")
-    device = torch.device(device); cuda = device.type == 'cuda'
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    seed_everything(0)
-    model = SEAMNet(backbone).to(device).train().to(memory_format=fmt)
-    opt = make_optimizer(model.param_groups(0.01, 5e-4), 0.01, 5e-4, 'corrected')
-    step_fn = seam_step('seam')
-    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=fmt)
-    y = torch.zeros(batch, model.num_classes - 1, device=device); y[:, :2] = 1
-    last = {}
-    def one():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
-            losses = step_fn(model, (x, y))
-        opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step()
-        last['loss'] = losses['total'].detach()
-    if cuda: torch.cuda.reset_peak_memory_stats(device)
-    sec = timeit(one, repeats=steps, warmup=2 if cuda else 1, device=device)
-    loss = float(last['loss'])
-    if not np.isfinite(loss): raise SeamError(f"{backbone} training step on {device} ({amp}) gave a non-finite loss {loss}")
-    if next(model.parameters()).device.type != device.type: raise SeamError(f"the model left {device}")
-    return dict(backbone=backbone, crop=crop, batch=batch, steps=steps, amp=amp, channels_last=channels_last,
-                step_s=sec, images_per_s=batch / sec, loss=loss,
-                peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None)
 
 # %% ../nbs/a14_gpu_check.ipynb #a276e9f0
 def infer_speed(backbone:str='resnet38', # network (random weights: the cost does not depend on them)
@@ -174,8 +138,8 @@ def run_gpu_check(work, # scratch folder for the runs
     res, t0 = dict(meta=meta, errors={}), time.perf_counter()
     b, c = sizes.batch, sizes.crop
     steps = [(f'training steps: {sizes.backbone}, crop {c}, batch {b}, float32 and bf16 + channels-last', 'train',
-              lambda: [train_speed(sizes.backbone, c, b, sizes.steps, device, 'none', False),
-                       train_speed(sizes.backbone, c, b, sizes.steps, device, 'bf16', True)]),
+              lambda: [bench_train_step(sizes.backbone, c, b, sizes.steps, device, amp=amp, channels_last=cl, classes_per_image=2)
+                       for amp, cl in (('none', False), ('bf16', True))]),
              (f'multi-scale inference {sizes.image[1]}x{sizes.image[0]}, scales {sizes.scales}, full and chunked PCM', 'infer',
               lambda: [infer_speed(sizes.backbone, sizes.image, sizes.scales, ch, device) for ch in (None, sizes.pcm_chunk)]),
              ('torchrun (one process)', 'torchrun', lambda: torchrun_train(work/'torchrun', sizes, device, 'none' if dry else 'bf16')),

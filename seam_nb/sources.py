@@ -12,7 +12,7 @@ import math
 import io, os, warnings
 from PIL import Image
 from .core import VOC_CLASSES, SeamError, colorize, load_image, load_mask, _to_rgb
-from .transforms import normalize_image, ToTensor
+from .transforms import normalize_image, ToTensor, resize_image
 
 # %% auto #0
 __all__ = ['MIN_SIDE', 'MAX_SIDE', 'Source', 'show_samples', 'read_id_list', 'VOCSource', 'labels_from_mask', 'FolderSource',
@@ -268,7 +268,7 @@ def as_picture(v, # a file path, or an array: uint8 [H, W], [H, W, 3] or [H, W, 
     h, w = img.shape[:2]
     if max(h, w) > max_side:
         f = max_side / max(h, w)
-        img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR))
+        img = resize_image(np.ascontiguousarray(img), (max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
         warnings.warn(f"image '{name}' is {w}x{h} px: shrunk to {img.shape[1]}x{img.shape[0]} (long side {max_side})", stacklevel=2)
     if min(img.shape[:2]) < MIN_SIDE:
         raise SeamError(f"image '{name}' is {img.shape[1]}x{img.shape[0]} px: the networks need at least {MIN_SIDE} px on each side")

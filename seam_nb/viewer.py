@@ -189,7 +189,7 @@ def save_stills(dest=None, # folder for the PNGs (default: `nbs/images` of the s
     base, seam = load_models(kind, data_dir)
     models = {'baseline': base, 'SEAM': seam}
     photos = photo_items() if kind == 'photos' else {}
-    item = photos.get('cat.jpg') or next(iter(photos.values() or default_images(n_shapes=1, n_voc=0).values()))
+    item = photos.get('cat.jpg') or next(iter(photos.values()), None) or next(iter(default_images(n_shapes=1, n_voc=0).values()))
     curves = {n: consistency_curve(CachedCAM(m, threads=1), item.x, tuple(scales)) for n, m in models.items()}
     figs = {'explorer_still.png': plot_explorer(models, item, settings=((1.0, False, 0), (scale, False, 0))),
             'consistency_still.png': plot_consistency_curves(list(scales), curves, title=f"{item.name}: consistency against scale"),

@@ -110,7 +110,7 @@ def source_items(source:Source, # any `Source`
 
 def photo_items(max_side:int=224) -> dict:
     "The real photos shipped in `data/photos/` (CC0 or public domain; no masks), by file name."
-    folder = globals()['data_dir']()/'photos'
+    folder = data_dir()/'photos'
     return as_items(sorted(folder.glob('*.jpg')), max_side) if folder.is_dir() and any(folder.glob('*.jpg')) else {}
 
 def default_images(n_shapes:int=4, # Shapes test images
