@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 import numpy as np
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import SeamError
@@ -15,7 +16,7 @@ from .weights import load_weights
 # %% auto #0
 __all__ = ['BACKBONES', 'ResBlock', 'BottleneckBlock', 'Backbone', 'ResNet38', 'read_keys_tsv', 'state_dict_keys',
            'stage_geometry', 'plot_stage_geometry', 'ResNet50Dilated', 'TinyBackbone', 'make_backbone',
-           'BackboneAdopter']
+           'BackboneAdopter', 'prefers_channels_last']
 
 # %% ../nbs/a06_backbones.ipynb #412605a4
 class ResBlock(nn.Module):
@@ -77,6 +78,7 @@ class Backbone(nn.Module):
     low_channels = mid_channels = out_channels = 0
     pcm_dims = (64, 128)  # suggested widths of the PCM projections of `low` and `mid` (the original's)
     frozen_bn = False     # keep every BatchNorm in eval mode with frozen affine parameters
+    nhwc_on_cpu = False   # channels-last also pays on a CPU (depthwise convolutions); on CUDA it always does
 
     def __init__(self):
         super().__init__()
@@ -304,3 +306,9 @@ class BackboneAdopter(nn.Module):
                 dict(params=groups[1], lr=2 * lr, weight_decay=0., name='backbone_bias'),
                 dict(params=groups[2], lr=10 * lr, weight_decay=weight_decay, name='new_weight'),
                 dict(params=groups[3], lr=20 * lr, weight_decay=0., name='new_bias')]
+
+def prefers_channels_last(model:nn.Module, # a `BackboneAdopter` (other modules: CUDA only)
+                          device # where it runs
+                         ) -> bool:
+    "Whether NHWC memory speeds `model` up on `device`: always on CUDA; on a CPU only for backbones that say so (Lite0)."
+    return torch.device(device).type == 'cuda' or bool(getattr(getattr(model, '_bb', None), 'nhwc_on_cpu', False))

@@ -17,7 +17,7 @@ from .sources import VOCSource, FolderSource
 from .coco import COCOSource
 from .shapes import ShapesSource, SHAPES_SPLIT_SEEDS
 from .weights import load_checkpoint, fit_state_dict
-from .backbones import BACKBONES
+from .backbones import BACKBONES, prefers_channels_last
 import seam_nb.lite0  # noqa: F401 (registers the 'lite0' backbones)
 from .engine_internals import (SeededDataset, EpochBatchSampler, dist_env, all_mean, to_device, rng_state, set_rng_state,
                                       LossLog, read_losses, weights_checksum, gather_objects, amp_context)
@@ -56,7 +56,7 @@ class EngineConfig:
     poly_power:float = 0.9
     optimizer:str = 'faithful'        # 'faithful' (SGD momentum = weight decay, as released) or 'corrected' (0.9)
     amp:str = 'none'                  # 'none', 'bf16' or 'fp16' (CUDA only)
-    channels_last:bool = True         # NHWC memory layout on CUDA
+    channels_last:bool = True         # NHWC memory layout where it pays: CUDA, and a CPU for Lite0
     # bookkeeping
     out:str = 'runs/seam'             # output folder: last.pt, losses.csv, config.json, summary.json
     ckpt_every:int = 500              # checkpoint every N steps (and at the end)
@@ -184,7 +184,7 @@ def fit(model:nn.Module, # the network (unwrapped); `model.param_groups(lr, wd)`
         stop = min(cfg.stop_at or total, total)                   # ... even if this run stops earlier
 
         # 2. model, optimiser, AMP; a fresh start or the state of the last checkpoint
-        channels_last = cfg.channels_last and cuda
+        channels_last = cfg.channels_last and prefers_channels_last(model, device)
         model.to(device)
         if channels_last: model.to(memory_format=torch.channels_last)
         if param_groups is None:

@@ -15,6 +15,8 @@ from .core import SeamError, console, get_device, save_label_png, save_json, col
 from .viz import save_figure, max_heat
 from .transforms import multiscale_views
 from .weights import load_network, load_checkpoint
+from .backbones import prefers_channels_last
+from .lite0 import fold_batchnorm
 from .model import SEAMNet
 from .cam import max_norm, cam_dict_to_label
 from .engine import build_source
@@ -46,11 +48,11 @@ def multiscale_cam(model:nn.Module, # a SEAMNet in eval mode
     for views in multiscale_views(img, scales, flip):
         views = views.to(device)
         chunks = [views] if batched else [views[i:i + 1] for i in range(len(views))]
-        outs = [torch.cat(_lowres(model, v), 1) for v in chunks]           # [n, 2C, h, w]: CAM and PCM channels
-        maps = F.interpolate(torch.cat(outs).float(), views.shape[-2:], mode='bilinear', align_corners=True)  # the view's size
-        maps = F.interpolate(maps, (H, W), mode='bilinear', align_corners=False)                          # then the image's
-        if flip: maps[1] = maps[1].flip(-1)
-        total = maps.sum(0) if total is None else total + maps.sum(0)
+        low = torch.cat([torch.cat(_lowres(model, v), 1) for v in chunks]).float()   # [n, 2C, h, w]: CAM and PCM channels
+        if flip: low = low[:1] + low[1:].flip(-1)    # mirror back and add before resizing: bilinear resizing commutes with it
+        maps = F.interpolate(low, views.shape[-2:], mode='bilinear', align_corners=True)   # the view's size
+        maps = F.interpolate(maps, (H, W), mode='bilinear', align_corners=False)[0]     # then the image's
+        total = maps if total is None else total + maps
     C = total.shape[0] // 2
     lab = torch.as_tensor(np.asarray(labels, np.float32), device=device).view(-1, 1, 1)
     cam, pcm = (max_norm(total[i * C + 1:(i + 1) * C]) * lab for i in (0, 1))
@@ -113,7 +115,8 @@ def infer_cams(model:nn.Module, # a SEAMNet (moved to `device`, put in eval mode
     device = get_device(device)
     if device.type == 'cuda' and device.index is None and world_size > 1:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count())
-    model = model.to(device).eval()
+    model = fold_batchnorm(model.to(device).eval())                    # Lite0: BatchNorms folded into the convolutions
+    if prefers_channels_last(model, 'cpu'): model = model.to(memory_format=torch.channels_last)   # Lite0: faster anywhere
     mine = shard(names if names is not None else source.names, rank, world_size)
     todo = [n for n in mine if not is_done(out_dir, n)]
     from tqdm.auto import tqdm
@@ -169,6 +172,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
          rank:int=None, # this shard (default: $RANK or 0)
          world_size:int=None, # number of shards (default: $WORLD_SIZE or 1)
          no_progress:bool=False, # hide the progress bar
+         list:str=None, # only these image ids, one per line (default: the whole split)
          **data # --dataset (default shapes), --data-root, --split (default train: the paper scores CAMs on VOC train), ...
         ):
     "Write multi-scale CAM/PCM maps and pseudo labels for a dataset (run again to resume); --data-root and --data_root both work."
@@ -192,12 +196,18 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
         raise SeamError(f"{ckpt} predicts {model.num_classes} labels but the {dataset} data have {src.num_classes}")
     if int(os.environ.get('RANK', rank or 0)) == 0:
         save_json(dict(ckpt=str(ckpt), dataset=dataset, data_root=data_root, split=split, csv=csv, sbd_list=sbd_list,
-                       n_images=n_images, image_size=image_size, scales=list(sc), flip=not no_flip, long_side=long_side, bg=bg, alpha=alpha),
+                       n_images=n_images, image_size=image_size, scales=[*sc], ids=list, flip=not no_flip, long_side=long_side, bg=bg, alpha=alpha),
                   Path(out)/'infer_config.json')
+    ids = None
+    if list:
+        if not Path(list).is_file(): raise SeamError(f"--list {list} not found")
+        ids = Path(list).read_text().split()
+        unknown = sorted(set(ids) - set(src.names))
+        if unknown: raise SeamError(f"--list {list}: {len(unknown)} id(s) not in the {dataset} {split} images, e.g. {unknown[0]}")
     res = infer_cams(model, src, out, sc, not no_flip, True, bg, alpha, device=device, rank=rank,
-                     world_size=world_size, progress=not no_progress, long_side=long_side)
+                     world_size=world_size, names=ids, progress=not no_progress, long_side=long_side)
     if res['rank'] == 0 and res['assigned']:
-        names = [n for n in shard(src.names, 0, res['world_size'])[:4]]
+        names = [n for n in shard(ids or src.names, 0, res['world_size'])[:4]]
         save_figure(plot_inference(src, out, names), Path(out)/'preview.png', dpi=80)
     print(f"rank {res['rank']}/{res['world_size']}: {res['processed']} images written, {res['skipped']} already done -> {out}")
 

@@ -116,8 +116,20 @@ def test_cli_writes_outputs(ckpt, tmp_path):
     assert len(list((tmp_path/'pcm').glob('*.npz'))) == 2 and len(list((tmp_path/'label_cam').glob('*.png'))) == 2
 
 
+def test_cli_list_restricts_the_images(ckpt, tmp_path):
+    from seam_nb.engine import build_source
+    names = build_source('shapes', None, 'val', None, None, 3, 64).names
+    (tmp_path/'ids.txt').write_text(f"{names[2]}\n{names[0]}\n")
+    r = cli('--ckpt', str(ckpt), '--dataset', 'shapes', '--split', 'val', '--n-images', '3', '--scales', '1', '--list', str(tmp_path/'ids.txt'),
+            '--out', str(tmp_path/'out'), '--no-progress', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.stem for p in (tmp_path/'out'/'cam').glob('*.npz')) == sorted([names[0], names[2]])
+
+
 @pytest.mark.parametrize('args,expect', [
     (['--ckpt', '/nonexistent/last.pt'], 'not found'),
+    (['--list', '/nonexistent/ids.txt'], '--list /nonexistent/ids.txt not found'),
+    (['--list', str(Path(__file__))], 'not in the shapes train images'),
     (['--backbone', 'resnet50'], 'does not fit'),
     (['--dataset', 'voc', '--data-root', '/nonexistent/VOC2012'], 'not found'),
 ])
