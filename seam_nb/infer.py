@@ -17,6 +17,7 @@ from .transforms import multiscale_views
 from .weights import load_network, load_checkpoint
 from .backbones import prefers_channels_last
 from .lite0 import fold_batchnorm
+from .sources import read_id_list
 from .model import SEAMNet
 from .cam import max_norm, cam_dict_to_label
 from .engine import build_source
@@ -201,7 +202,7 @@ def main(ckpt:str=None, # checkpoint from seam_nb_train, or a SEAMNet .pth state
     ids = None
     if list:
         if not Path(list).is_file(): raise SeamError(f"--list {list} not found")
-        ids = Path(list).read_text().split()
+        ids = read_id_list(list)                                       # the format VOC lists and seam_nb_eval --list use
         unknown = sorted(set(ids) - set(src.names))
         if unknown: raise SeamError(f"--list {list}: {len(unknown)} id(s) not in the {dataset} {split} images, e.g. {unknown[0]}")
     res = infer_cams(model, src, out, sc, not no_flip, True, bg, alpha, device=device, rank=rank,
