@@ -267,6 +267,7 @@ def fit(model:nn.Module, # the network (unwrapped); `model.param_groups(lr, wd)`
                    'device': str(device), 'backend': dist.get_backend() if dist.is_initialized() else None,
                    'weights_checksums': gather_objects(weights_checksum(model), world)}
         if rank == 0: save_json(summary, out/'summary.json')
+        if world > 1: dist.barrier()    # no rank tears the group down while another still reads its last message
         return summary
     finally:
         if own_group: dist.destroy_process_group()

@@ -1,5 +1,5 @@
 "Tests of seam_nb.train (and the engine under it: seam_nb.engine, seam_nb.engine_internals) that notebook cells cannot hold:\nexact resume, NaN stop, DDP with 2 processes, the CLI."
-import os, sys, csv, json, subprocess
+import os, sys, csv, json, signal, subprocess, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -155,11 +155,23 @@ def test_torchrun_two_nodes(tmp_path):
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1', '--node_rank', str(rank),
                '--master_addr', '127.0.0.1', '--master_port', str(port), '-m', 'seam_nb.train',
                '--steps', '2', '--ckpt-every', '2', '--out', str(out), *TINY_CLI]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**ENV, 'GLOO_SOCKET_IFNAME': 'lo'})
-    procs = [node(0), node(1)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+        # output goes to files, not pipes: a node whose unread pipe fills up would block, and the other node's
+        # launcher would then wait for it at torchrun's exit barrier (a deadlock that once hung CI for 300 s)
+        log = open(tmp_path/f'node{rank}.log', 'w')
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env={**ENV, 'GLOO_SOCKET_IFNAME': 'lo'},
+                                start_new_session=True), log
+    nodes = [node(0), node(1)]
+    deadline = time.monotonic() + 300
+    try:
+        codes = [p.wait(timeout=max(1, deadline - time.monotonic())) for p, _ in nodes]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p, log in nodes:
+            if p.poll() is None: os.killpg(p.pid, signal.SIGKILL); p.wait()   # the launcher and its worker
+            log.close()
+    logs = '\n'.join(f"--- node {r}:\n" + (tmp_path/f'node{r}.log').read_text()[-2000:] for r in (0, 1))
+    assert codes == [0, 0], f"exit codes {codes} (None: timed out)\n{logs}"
     summary = json.loads((out/'summary.json').read_text())
     assert summary['world_size'] == 2 and summary['step'] == 2
     assert len(set(summary['weights_checksums'])) == 1                # the two "machines" hold the same weights
