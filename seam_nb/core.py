@@ -10,12 +10,11 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['VOC_CLASSES', 'IGNORE_INDEX', 'VOC_PALETTE', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'DATA_OPTIONS', 'REBUILD',
-           'PATH_FIELDS', 'voc_palette', 'colorize', 'label_to_pil', 'seed_everything', 'get_device', 'torch_threads',
-           'SeamError', 'cli_guard', 'atomic_write', 'save_label_png', 'save_json', 'sigint_deferred',
-           'torch_save_atomic', 'load_image', 'check_mask_values', 'load_mask', 'save_cam_npz', 'load_cam_npz',
-           'check_dir', 'check_files', 'dashed_to_underscored', 'keep_freed_memory', 'console', 'parse_numbers',
-           'data_dir', 'shipped', 'portable_path', 'portable_config']
+__all__ = ['VOC_CLASSES', 'IGNORE_INDEX', 'VOC_PALETTE', 'DATA_OPTIONS', 'REBUILD', 'PATH_FIELDS', 'voc_palette', 'colorize',
+           'label_to_pil', 'seed_everything', 'get_device', 'torch_threads', 'SeamError', 'cli_guard', 'atomic_write',
+           'save_label_png', 'save_json', 'sigint_deferred', 'torch_save_atomic', 'load_image', 'check_mask_values',
+           'load_mask', 'save_cam_npz', 'load_cam_npz', 'check_dir', 'check_files', 'dashed_to_underscored', 'console',
+           'parse_numbers', 'data_dir', 'shipped', 'portable_path', 'portable_config']
 
 # %% ../nbs/a01_core.ipynb #d023a550
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -301,20 +300,6 @@ def dashed_to_underscored(argv:list # command-line words after the program name
         out.append(a)
     return out
 
-# %% ../nbs/a01_core.ipynb #cee74e8f
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # glibc's `mallopt` parameters (malloc.h)
-
-def keep_freed_memory(limit:int=1 << 30 # bytes: smaller blocks come from the heap, and this much free heap stays
-                     ) -> bool: # whether it applied: Linux with glibc, and not switched off by SEAM_NB_KEEP_MEMORY=0
-    "Let glibc reuse the memory a training step frees rather than hand it back to the kernel and fault it in again."
-    if os.environ.get('SEAM_NB_KEEP_MEMORY', '1') == '0' or not sys.platform.startswith('linux'): return False
-    try: os.confstr('CS_GNU_LIBC_VERSION')               # glibc answers; musl and others raise
-    except (ValueError, OSError): return False
-    import ctypes
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
-
-
 # %% ../nbs/a01_core.ipynb #8a318fb8
 DATA_OPTIONS = (('dataset', str, "shapes, voc, coco or folder"),
                 ('data_root', str, "the VOC2012 folder, the COCO folder (train2014/, val2014/, annotations/), or the image folder for --dataset folder"),
@@ -347,7 +332,6 @@ def console(func=None, *,
     def main(*args, argv:list=None, **kwargs):
         if args or kwargs: return guarded(*args, **kwargs)                # called from Python with arguments
         ns = vars(parser().parse_args(dashed_to_underscored(sys.argv[1:] if argv is None else [str(a) for a in argv])))
-        keep_freed_memory()                                               # a command-line process: reuse freed memory
         for k in ('pdb', 'xtra'): ns.pop(k, None)                         # fastcore's hidden options
         return guarded(**ns)
     main.parser = parser

@@ -20,7 +20,7 @@ from .weights import load_checkpoint, fit_state_dict
 from .backbones import BACKBONES, prefers_channels_last
 import seam_nb.lite0  # noqa: F401 (registers the 'lite0' backbones)
 from .engine_internals import (SeededDataset, EpochBatchSampler, dist_env, all_mean, to_device, rng_state, set_rng_state,
-                                      LossLog, read_losses, weights_checksum, gather_objects, amp_context)
+                                      LossLog, read_losses, weights_checksum, gather_objects, amp_context, keep_freed_memory)
 
 # %% auto #0
 __all__ = ['DATASETS', 'ENGINE_FIELDS', 'EngineConfig', 'config_from_preset', 'resolve_weights', 'poly_lr', 'make_optimizer',
@@ -174,6 +174,7 @@ def fit(model:nn.Module, # the network (unwrapped); `model.param_groups(lr, wd)`
     own_group = launched and not dist.is_initialized()
     if launched and cuda: device = torch.device('cuda', local_rank); torch.cuda.set_device(device)
     if own_group: dist.init_process_group('nccl' if cuda else 'gloo')
+    keep_freed_memory()                                    # each step reuses the memory the last one freed (A8)
     try:
         if cfg.batch_size % world: raise SeamError(f"batch size {cfg.batch_size} cannot be split over {world} processes")
         out = Path(cfg.out); ckpt_path, csv_path = out/'last.pt', out/'losses.csv'

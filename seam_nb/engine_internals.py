@@ -4,7 +4,7 @@
 
 # %% ../nbs/a08_engine_internals.ipynb #96708bf8
 from __future__ import annotations
-import os, csv, random, hashlib
+import os, sys, csv, random, hashlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,8 +14,9 @@ from torch.utils.data import Dataset, DistributedSampler
 from .core import SeamError, atomic_write
 
 # %% auto #0
-__all__ = ['item_seed', 'SeededDataset', 'EpochBatchSampler', 'dist_env', 'all_mean', 'to_device', 'rng_state', 'set_rng_state',
-           'LossLog', 'read_losses', 'weights_checksum', 'gather_objects', 'amp_context']
+__all__ = ['M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'item_seed', 'SeededDataset', 'EpochBatchSampler', 'dist_env', 'all_mean',
+           'to_device', 'rng_state', 'set_rng_state', 'LossLog', 'read_losses', 'weights_checksum', 'gather_objects',
+           'amp_context', 'keep_freed_memory']
 
 # %% ../nbs/a08_engine_internals.ipynb #101c0377
 def item_seed(seed:int, epoch:int, index:int) -> int:
@@ -155,3 +156,17 @@ def amp_context(amp:str, # 'none', 'bf16' or 'fp16'
     on = amp != 'none' and device.type == 'cuda'
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=on)
+
+# %% ../nbs/a08_engine_internals.ipynb #cee74e8f
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # glibc's `mallopt` parameters (malloc.h)
+
+def keep_freed_memory(limit:int=1 << 30 # bytes: smaller blocks come from the heap, and this much free heap stays
+                     ) -> bool: # whether it applied: Linux with glibc, and not switched off by SEAM_NB_KEEP_MEMORY=0
+    "Let glibc reuse the memory a training step frees rather than hand it back to the kernel and fault it in again."
+    if os.environ.get('SEAM_NB_KEEP_MEMORY', '1') == '0' or not sys.platform.startswith('linux'): return False
+    try: os.confstr('CS_GNU_LIBC_VERSION')               # glibc answers; musl and others raise
+    except (ValueError, OSError): return False
+    import ctypes
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
+
