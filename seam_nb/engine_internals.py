@@ -14,9 +14,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from .core import SeamError, atomic_write
 
 # %% auto #0
-__all__ = ['M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'item_seed', 'SeededDataset', 'EpochBatchSampler', 'dist_env', 'all_mean',
-           'to_device', 'rng_state', 'set_rng_state', 'LossLog', 'read_losses', 'weights_checksum', 'gather_objects',
-           'amp_context', 'keep_freed_memory']
+__all__ = ['item_seed', 'SeededDataset', 'EpochBatchSampler', 'dist_env', 'all_mean', 'to_device', 'rng_state', 'set_rng_state',
+           'LossLog', 'read_losses', 'weights_checksum', 'gather_objects', 'amp_context', 'keep_freed_memory']
 
 # %% ../nbs/a08_engine_internals.ipynb #101c0377
 def item_seed(seed:int, epoch:int, index:int) -> int:
@@ -158,7 +157,7 @@ def amp_context(amp:str, # 'none', 'bf16' or 'fp16'
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=on)
 
 # %% ../nbs/a08_engine_internals.ipynb #cee74e8f
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # glibc's `mallopt` parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3            # glibc's `mallopt` parameters (malloc.h)
 
 def keep_freed_memory(limit:int=1 << 30 # bytes: smaller blocks come from the heap, and this much free heap stays
                      ) -> bool: # whether it applied: Linux with glibc, and not switched off by SEAM_NB_KEEP_MEMORY=0
@@ -168,5 +167,5 @@ def keep_freed_memory(limit:int=1 << 30 # bytes: smaller blocks come from the he
     except (ValueError, OSError): return False
     import ctypes
     libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, limit))
 
