@@ -15,7 +15,7 @@ from .backbones import Backbone, BackboneAdopter, BACKBONES
 
 # %% auto #0
 __all__ = ['LITE0_STAGES', 'lite0_weights_file', 'SameConv', 'MBConv', 'EfficientNetLite0', 'EfficientNetLite0OS8',
-           'fold_batchnorm', 'Lite0Classifier', 'imagenet_classes']
+           'dilated_depthwise_conv', 'fold_batchnorm', 'Lite0Classifier', 'imagenet_classes']
 
 # %% ../nbs/a07_lite0.ipynb #5a0b78fd
 def lite0_weights_file() -> Path:
@@ -42,6 +42,7 @@ class SameConv(nn.Conv2d):
                 total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
                 pads.append((total // 2, total - total // 2))
             x = F.pad(x, (*pads[1], *pads[0]))
+        elif _fast_backward(self, x): return dilated_depthwise_conv(x, self.weight, self.bias, self.dilation)
         return super().forward(x)
 
 # %% ../nbs/a07_lite0.ipynb #86ada5d9
@@ -111,6 +112,49 @@ class EfficientNetLite0OS8(EfficientNetLite0):
     def __init__(self, freeze:bool=True): super().__init__(8, freeze)
 
 BACKBONES['lite0'], BACKBONES['lite0_os8'] = EfficientNetLite0, EfficientNetLite0OS8
+
+# %% ../nbs/a07_lite0.ipynb #128f751d
+class _DilatedDepthwise(torch.autograd.Function):
+    "A stride-1 depthwise convolution with 'same' padding and dilation d, whose backward uses a flipped-kernel conv and one product per tap."
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation):
+        ctx.save_for_backward(x, weight); ctx.dilation, ctx.has_bias = dilation, bias is not None
+        (dh, dw), (kh, kw) = dilation, weight.shape[-2:]
+        return F.conv2d(x, weight, bias, padding=(dh * (kh - 1) // 2, dw * (kw - 1) // 2), dilation=dilation, groups=weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        (dh, dw), (kh, kw) = ctx.dilation, weight.shape[-2:]
+        ph, pw = dh * (kh - 1) // 2, dw * (kw - 1) // 2
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:                                  # the transposed conv = the conv with the kernel flipped
+            gx = F.conv2d(g, weight.flip(-2, -1), padding=(ph, pw), dilation=ctx.dilation, groups=weight.shape[0])
+        if ctx.needs_input_grad[1]:                                  # tap (i, j): sum of g times the input shifted by (i dh, j dw)
+            h, w = g.shape[-2:]
+            xp = F.pad(x, (pw, pw, ph, ph))
+            gw = torch.stack([(g * xp[..., i * dh:i * dh + h, j * dw:j * dw + w]).sum((0, 2, 3))
+                              for i in range(kh) for j in range(kw)], 1).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]: gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+def dilated_depthwise_conv(x:torch.Tensor, # `[N, C, H, W]`
+                           weight:torch.Tensor, # `[C, 1, kh, kw]`, odd kernel sides
+                           bias:torch.Tensor=None, # `[C]` or None
+                           dilation=(1, 1) # int or (dh, dw)
+                          ) -> torch.Tensor: # `[N, C, H, W]`
+    "`F.conv2d(x, weight, bias, padding='same', dilation=dilation, groups=C)` with a backward pass that is fast on CPUs."
+    dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    if weight.shape[1] != 1 or weight.shape[0] != x.shape[1] or not all(k % 2 for k in weight.shape[-2:]):
+        raise SeamError(f"dilated_depthwise_conv needs a [C, 1, k, k] kernel with odd sides for {x.shape[1]} channels, got {tuple(weight.shape)}")
+    return _DilatedDepthwise.apply(x, weight, bias, dilation)
+
+def _fast_backward(conv:nn.Conv2d, x:torch.Tensor) -> bool:
+    "Whether `conv(x)` should use `dilated_depthwise_conv`: a stride-1 dilated depthwise layer, training on the CPU in float32."
+    return (conv.dilation != (1, 1) and conv.stride == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
+            and x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled('cpu'))
 
 # %% ../nbs/a07_lite0.ipynb #0cdbcd53
 def fold_batchnorm(model:nn.Module # a network holding Lite0 layers (other networks are returned as they are)
