@@ -14,8 +14,8 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .backbones import Backbone, BackboneAdopter, BACKBONES
 
 # %% auto #0
-__all__ = ['LITE0_STAGES', 'lite0_weights_file', 'SameConv', 'MBConv', 'EfficientNetLite0', 'EfficientNetLite0OS8',
-           'dilated_depthwise_conv', 'fold_batchnorm', 'Lite0Classifier', 'imagenet_classes']
+__all__ = ['LITE0_STAGES', 'FAST_DEPTHWISE_BACKWARD', 'lite0_weights_file', 'SameConv', 'MBConv', 'EfficientNetLite0',
+           'EfficientNetLite0OS8', 'dilated_depthwise_conv', 'fold_batchnorm', 'Lite0Classifier', 'imagenet_classes']
 
 # %% ../nbs/a07_lite0.ipynb #5a0b78fd
 def lite0_weights_file() -> Path:
@@ -150,9 +150,11 @@ def dilated_depthwise_conv(x:torch.Tensor, # `[N, C, H, W]`
         raise SeamError(f"dilated_depthwise_conv needs a [C, 1, k, k] kernel with odd sides for {x.shape[1]} channels, got {tuple(weight.shape)}")
     return _DilatedDepthwise.apply(x, weight, bias, dilation)
 
+FAST_DEPTHWISE_BACKWARD = True   # set False to train with PyTorch's own backward (to compare, or to count its FLOPs)
+
 def _fast_backward(conv:nn.Conv2d, x:torch.Tensor) -> bool:
     "Whether `conv(x)` should use `dilated_depthwise_conv`: a stride-1 dilated depthwise layer, training on the CPU in float32."
-    return (conv.dilation != (1, 1) and conv.stride == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
+    return (FAST_DEPTHWISE_BACKWARD and conv.dilation != (1, 1) and conv.stride == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
             and x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
             and not torch.is_autocast_enabled('cpu'))
 

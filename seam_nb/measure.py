@@ -8,17 +8,23 @@ import os, sys, json, time, tempfile, subprocess
 from pathlib import Path
 import numpy as np
 import torch
-from .core import SeamError, IGNORE_INDEX, load_cam_npz, load_mask, save_label_png, save_cam_npz
+from .core import SeamError, IGNORE_INDEX, load_cam_npz, load_mask, save_label_png, save_cam_npz, seed_everything
 from .shapes import box_blur
 from .cam import cam_dict_to_label
 from .evaluate import confusion_matrix, threshold_curve
 from .pcm import pcm
 from .widgets import EquivarianceExplorer, default_images, model_dict
 from .viewer import CamPcmViewer
+from .model import SEAMNet
+from .train import seam_step
+from .engine import make_optimizer
+from .equivariance import Rescale
+from .backbones import prefers_channels_last
+import seam_nb.lite0 as lite0
 
 # %% auto #0
-__all__ = ['synthetic_eval_folder', 'run_child', 'measure_pcm_memory', 'measure_random_walk', 'iou_loop', 'bench_eval',
-           'bench_widgets']
+__all__ = ['STEP_PARTS', 'OTHER_PART', 'synthetic_eval_folder', 'run_child', 'measure_pcm_memory', 'measure_random_walk',
+           'iou_loop', 'bench_eval', 'bench_widgets', 'step_part', 'profile_step', 'step_profile_table']
 
 # %% ../nbs/a12_measure.ipynb #3006d2c3
 def synthetic_eval_folder(root, # folder to fill: `gt/*.png`, `<cam_name>/*.npz`, `<cam_name>_label/*.png`
@@ -223,3 +229,81 @@ def bench_widgets(n:int=6, # slider positions per measurement
     res['viewer threshold'] = run(vw, 'threshold', [round(float(v), 2) for v in np.linspace(0.1, 0.8, n)])
     return {k: {'median_ms': float(np.median(v[:, 0])), 'max_ms': float(np.max(v[:, 0])), 'median_cpu_ms': float(np.median(v[:, 1]))}
             for k, v in res.items()}
+
+# %% ../nbs/a12_measure.ipynb #d39e54ca
+STEP_PARTS = (('convolutions', ('conv', 'depthwise')), ('BatchNorm', ('batch_norm',)),
+              ('ReLU, ReLU6', ('hardtanh', 'clamp', 'relu', 'threshold')), ('resizing maps (bilinear)', ('upsample',)),
+              ('matrix products (PCM, heads)', ('bmm', 'mm', 'matmul', 'einsum')), ('optimizer', ('optimizer', 'sgd', 'foreach')))
+OTHER_PART = 'other (losses, masks, copies, allocations)'
+
+def step_part(names) -> str:
+    "The part of `STEP_PARTS` for an operation, given its name and then its enclosing blocks' names, innermost first."
+    for name in ([names] if isinstance(names, str) else names):
+        low = name.lower()
+        for part, keys in STEP_PARTS:
+            if any(k in low for k in keys): return part
+    return OTHER_PART
+
+# %% ../nbs/a12_measure.ipynb #0681f933
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    fast, lite0.FAST_DEPTHWISE_BACKWARD = lite0.FAST_DEPTHWISE_BACKWARD, False   # count the convolutions' own backward
+    try:
+        with FlopCounterMode(display=False) as counter: fn()
+    finally: lite0.FAST_DEPTHWISE_BACKWARD = fast
+    return counter.get_total_flops()
+
+def profile_step(backbone:str='lite0', # a backbone name of `SEAMNet`
+                 method:str='seam', # 'seam', 'baseline' or 'ssenet'
+                 crop:int=224, # square crop side
+                 batch:int=8, # images per step
+                 rescale:float=0.5, # the siamese branch's scale
+                 classes_per_image:int=2, # distinct classes in each image's label (VOC photos: 1.4 on average)
+                 steps:int=3, # profiled steps (after one warm-up step; the timing runs its own)
+                 num_classes:int=21 # classes, background included
+                ) -> dict: # method, step seconds, FLOPs per step, and {part: seconds per step}
+    "Time one training step of `method` and split it into `STEP_PARTS` by profiling (CPU)."
+    from torch.profiler import profile, ProfilerActivity
+    seed_everything(0)
+    model = SEAMNet(backbone, num_classes=num_classes).train()
+    fmt = torch.channels_last if prefers_channels_last(model, 'cpu') else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = make_optimizer(model.param_groups(0.01, 5e-4), 0.01, 5e-4, 'corrected')
+    step_fn = seam_step(method, Rescale(rescale))
+    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=fmt)
+    y = torch.zeros(batch, num_classes - 1)
+    for row in y: row[torch.randperm(num_classes - 1)[:classes_per_image]] = 1
+    def one():
+        loss = step_fn(model, (x, y))['total']
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    one()                                                             # warm-up: first-call allocations
+    t0 = time.perf_counter()
+    for _ in range(steps): one()
+    step_s = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps): one()
+    spent = {}
+    for e in prof.events():
+        names, p = [e.name], e.cpu_parent
+        while p is not None:
+            names.append(p.name)
+            p = p.cpu_parent
+        part = step_part(names)
+        spent[part] = spent.get(part, 0.0) + e.self_cpu_time_total
+    total = sum(spent.values())
+    parts = {part: step_s * spent.get(part, 0.0) / total for part, _ in STEP_PARTS + ((OTHER_PART, ()),)}
+    return dict(method=method, backbone=backbone, crop=crop, batch=batch, step_s=step_s, flops=_flops(one), parts=parts)
+
+def step_profile_table(rows:list # `profile_step` results, e.g. baseline then SEAM
+                      ) -> str: # a Markdown table: milliseconds per step by part, FLOPs, and ratios to the first row
+    "Methods side by side: where each step's time goes, their step-time ratio against their FLOP ratio."
+    head = '| part | ' + ' | '.join(r['method'] for r in rows) + ' |'
+    lines = [head, '|---|' + '---:|' * len(rows)]
+    for part in rows[0]['parts']:
+        lines.append(f'| {part} | ' + ' | '.join(f"{1e3 * r['parts'][part]:,.0f} ms" for r in rows) + ' |')
+    lines.append('| **step** | ' + ' | '.join(f"**{1e3 * r['step_s']:,.0f} ms**" for r in rows) + ' |')
+    lines.append('| GFLOP per step | ' + ' | '.join(f"{r['flops'] / 1e9:,.1f}" for r in rows) + ' |')
+    b = rows[0]
+    lines.append('| step-time ratio / FLOP ratio | ' + ' | '.join(
+        f"{r['step_s'] / b['step_s']:.2f} / {r['flops'] / b['flops']:.2f}" for r in rows) + ' |')
+    return '\n'.join(lines)
