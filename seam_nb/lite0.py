@@ -152,11 +152,15 @@ def dilated_depthwise_conv(x:torch.Tensor, # `[N, C, H, W]`
 
 FAST_DEPTHWISE_BACKWARD = True   # set False to train with PyTorch's own backward (to compare, or to count its FLOPs)
 
+def _cpu_autocast() -> bool:
+    try: return torch.is_autocast_enabled('cpu')
+    except TypeError: return torch.is_autocast_cpu_enabled()          # torch < 2.4
+
 def _fast_backward(conv:nn.Conv2d, x:torch.Tensor) -> bool:
     "Whether `conv(x)` should use `dilated_depthwise_conv`: a stride-1 dilated depthwise layer, training on the CPU in float32."
     return (FAST_DEPTHWISE_BACKWARD and conv.dilation != (1, 1) and conv.stride == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
             and x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled('cpu'))
+            and not _cpu_autocast())
 
 # %% ../nbs/a07_lite0.ipynb #0cdbcd53
 def fold_batchnorm(model:nn.Module # a network holding Lite0 layers (other networks are returned as they are)
