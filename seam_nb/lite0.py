@@ -147,7 +147,7 @@ def dilated_depthwise_conv(x:torch.Tensor, # `[N, C, H, W]`
     "`F.conv2d(x, weight, bias, padding='same', dilation=dilation, groups=C)` with a backward pass that is fast on CPUs."
     dilation = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     if weight.shape[1] != 1 or weight.shape[0] != x.shape[1] or not all(k % 2 for k in weight.shape[-2:]):
-        raise SeamError(f"dilated_depthwise_conv needs a [C, 1, k, k] kernel with odd sides for {x.shape[1]} channels, got {tuple(weight.shape)}")
+        raise SeamError(f"dilated_depthwise_conv needs a [C, 1, kh, kw] kernel with odd sides for {x.shape[1]} channels, got {tuple(weight.shape)}")
     return _DilatedDepthwise.apply(x, weight, bias, dilation)
 
 FAST_DEPTHWISE_BACKWARD = True   # set False to train with PyTorch's own backward (to compare, or to count its FLOPs)
@@ -158,7 +158,9 @@ def _cpu_autocast() -> bool:
 
 def _fast_backward(conv:nn.Conv2d, x:torch.Tensor) -> bool:
     "Whether `conv(x)` should use `dilated_depthwise_conv`: a stride-1 dilated depthwise layer, training on the CPU in float32."
+    same = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
     return (FAST_DEPTHWISE_BACKWARD and conv.dilation != (1, 1) and conv.stride == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
+            and all(k % 2 for k in conv.kernel_size) and conv.padding == same and conv.padding_mode == 'zeros'
             and x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
             and not _cpu_autocast())
 

@@ -231,8 +231,8 @@ def bench_widgets(n:int=6, # slider positions per measurement
             for k, v in res.items()}
 
 # %% ../nbs/a12_measure.ipynb #d39e54ca
-STEP_PARTS = (('convolutions', ('conv', 'depthwise')), ('BatchNorm', ('batch_norm',)),
-              ('ReLU, ReLU6', ('hardtanh', 'clamp', 'relu', 'threshold')), ('resizing maps (bilinear)', ('upsample',)),
+STEP_PARTS = (('convolutions', ('conv', 'depthwise')), ('BatchNorm', ('batch_norm', 'batchnorm')),
+              ('ReLU, ReLU6, clamps (backbone, PCM, map normalisation)', ('hardtanh', 'clamp', 'relu', 'threshold')), ('resizing maps (bilinear)', ('upsample',)),
               ('matrix products (PCM, heads)', ('bmm', 'mm', 'matmul', 'einsum')), ('optimizer', ('optimizer', 'sgd', 'foreach')))
 OTHER_PART = 'other (losses, masks, copies, allocations)'
 
@@ -300,10 +300,10 @@ def step_profile_table(rows:list # `profile_step` results, e.g. baseline then SE
     head = '| part | ' + ' | '.join(r['method'] for r in rows) + ' |'
     lines = [head, '|---|' + '---:|' * len(rows)]
     for part in rows[0]['parts']:
-        lines.append(f'| {part} | ' + ' | '.join(f"{1e3 * r['parts'][part]:,.0f} ms" for r in rows) + ' |')
-    lines.append('| **step** | ' + ' | '.join(f"**{1e3 * r['step_s']:,.0f} ms**" for r in rows) + ' |')
-    lines.append('| GFLOP per step | ' + ' | '.join(f"{r['flops'] / 1e9:,.1f}" for r in rows) + ' |')
+        lines.append(f'| {part} | ' + ' | '.join(f"{1e3 * r['parts'][part]:.4g} ms" for r in rows) + ' |')
+    lines.append('| **step** | ' + ' | '.join(f"**{1e3 * r['step_s']:.4g} ms**" for r in rows) + ' |')
+    lines.append('| GFLOP per step | ' + ' | '.join(f"{r['flops'] / 1e9:.4g}" for r in rows) + ' |')
     b = rows[0]
-    lines.append('| step-time ratio / FLOP ratio | ' + ' | '.join(
-        f"{r['step_s'] / b['step_s']:.2f} / {r['flops'] / b['flops']:.2f}" for r in rows) + ' |')
+    lines.append('| step-time ratio, FLOP ratio | ' + ' | '.join(
+        f"{r['step_s'] / b['step_s']:.2f}, {r['flops'] / b['flops']:.2f}" for r in rows) + ' |')
     return '\n'.join(lines)
