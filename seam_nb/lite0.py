@@ -158,9 +158,9 @@ def _cpu_autocast() -> bool:
 
 def _fast_backward(conv:nn.Conv2d, x:torch.Tensor) -> bool:
     "Whether `conv(x)` should use `dilated_depthwise_conv`: a stride-1 dilated depthwise layer, training on the CPU in float32."
-    same = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
     return (FAST_DEPTHWISE_BACKWARD and conv.dilation != (1, 1) and conv.stride == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
-            and all(k % 2 for k in conv.kernel_size) and conv.padding == same and conv.padding_mode == 'zeros'
+            and all(k % 2 for k in conv.kernel_size) and conv.padding_mode == 'zeros'
+            and conv.padding == tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))   # 'same'
             and x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_grad_enabled()
             and not _cpu_autocast())
 
